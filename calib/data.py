@@ -1,0 +1,85 @@
+"""Calibration sets: N samples x L tokens drawn with a seed from a text file, a JSONL file (a ``text`` field per
+line), a folder of ``.txt`` files, or the embedded default text (`default_calibration.txt`, see README).
+
+The text is tokenized once (no special tokens), then N windows of L tokens start at seeded random offsets;
+a BOS token is prepended when the tokenizer has one (windows then hold L-1 text tokens).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+DEFAULT_TEXT = Path(__file__).with_name("default_calibration.txt")
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+def read_text(path: str | Path | None) -> str:
+    """All text of a .txt file, a .jsonl file (``text`` field), or a folder of .txt files; None = embedded default."""
+    if path is None:
+        return DEFAULT_TEXT.read_text(encoding="utf-8")
+    p = Path(path)
+    if not p.exists():
+        raise CalibrationError(f"calibration path {p} does not exist")
+    if p.is_dir():
+        files = sorted(p.rglob("*.txt"))
+        if not files:
+            raise CalibrationError(f"calibration folder {p} has no .txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    if p.suffix == ".jsonl":
+        parts = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from e
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise CalibrationError(f"{p}:{i + 1}: each JSONL line needs a string field 'text'")
+            parts.append(rec["text"])
+        return "\n\n".join(parts)
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0,
+                   bos_id: int | None = None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` windows at seeded random offsets of the 1-D token stream ``ids``."""
+    body = seqlen - (1 if bos_id is not None else 0)
+    if nsamples < 1 or seqlen < 2:
+        raise CalibrationError("need nsamples >= 1 and seqlen >= 2")
+    if ids.numel() < body + 1:
+        raise CalibrationError(f"calibration text is too short: {ids.numel()} tokens, need at least {body + 1} "
+                               f"for {seqlen}-token samples; give more text or lower --seqlen")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - body, (nsamples,), generator=g)
+    rows = torch.stack([ids[s:s + body] for s in starts.tolist()])
+    if bos_id is not None:
+        rows = torch.cat([torch.full((nsamples, 1), bos_id, dtype=torch.long), rows], 1)
+    return rows
+
+
+def load_calibration(path, tokenizer, nsamples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+    text = read_text(path)
+    if not text.strip():
+        raise CalibrationError(f"calibration text {path or DEFAULT_TEXT.name} is empty")
+    return sample_windows(tokenize(text, tokenizer), nsamples, seqlen, seed, bos_id_of(tokenizer))
+
+
+def bos_id_of(tokenizer) -> int | None:
+    return getattr(tokenizer, "bos_token_id", None)
+
+
+def calibration_hash(ids: torch.Tensor) -> str:
+    """sha256 of the token ids actually used (recorded in the manifest)."""
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()

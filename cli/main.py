@@ -1,0 +1,172 @@
+"""`ptq` command line: a thin typer layer over ptq.compress / ptq.eval. Bad input -> one line on stderr, exit 2."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training compression of LLMs.")
+console = Console(stderr=True)
+
+
+def fail(msg: str, code: int = 2):
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _parse_set(items: list[str]) -> dict:
+    """``--set gptq.damp=0.1`` -> {"gptq": {"damp": 0.1}} (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict = {}
+    for it in items:
+        if "=" not in it or "." not in it.split("=", 1)[0]:
+            fail(f"--set expects PASS.OPTION=VALUE, got {it!r}")
+        key, val = it.split("=", 1)
+        pname, opt = key.split(".", 1)
+        out.setdefault(pname, {})[opt] = yaml.safe_load(val)
+    return out
+
+
+def _fmt_bytes(n):
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="model folder or hub id (safetensors)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --force)"),
+    recipe: str = typer.Option("gptq", help="built-in recipe name (see `ptq recipes`) or a YAML path"),
+    bits: Optional[int] = typer.Option(None, help="weight bits 2..8 (default from the recipe)"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="group size along K, -1 = per channel"),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="symmetric or asymmetric weights"),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="activation bits (OS+/SmoothQuant recipes)"),
+    prune_ratio: Optional[float] = typer.Option(None, "--prune-ratio", help="UDFC: fraction of MLP channels pruned"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="gptq | compressed-tensors | fp | onnx"),
+    calib: Optional[str] = typer.Option(None, help="calibration text file, .jsonl or folder of .txt (default: embedded)"),
+    nsamples: Optional[int] = typer.Option(None, help="calibration samples"),
+    seqlen: Optional[int] = typer.Option(None, help="tokens per calibration sample"),
+    seed: Optional[int] = typer.Option(None, help="calibration sampling seed"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", help="compute dtype: float32 | float16 | bfloat16"),
+    eval_text: Optional[str] = typer.Option(None, "--eval-text", help="text file for perplexity/KL/top-1 after export"),
+    eval_windows: int = typer.Option(40, help="evaluation windows"),
+    set_: list[str] = typer.Option([], "--set", help="pass option override PASS.OPTION=VALUE (repeatable)"),
+    force: bool = typer.Option(False, help="replace an existing output folder"),
+    allow_pickle: bool = typer.Option(False, help="allow loading pickled *.bin checkpoints (runs code!)"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model's own Python code"),
+):
+    """Compress MODEL with a recipe and export it; optionally evaluate it against the original."""
+    from ptq.compress import CompressOptions, UsageError
+    from ptq.compress import compress as run
+
+    overrides = _parse_set(set_)
+    if prune_ratio is not None:
+        overrides.setdefault("udfc", {})["prune_ratio"] = prune_ratio
+    onnx = fmt == "onnx"
+    opts = CompressOptions(model=model, out=str(out), recipe=recipe, bits=bits, group_size=group_size, sym=sym,
+                           act_bits=act_bits, format=None if onnx else fmt, calib=calib, nsamples=nsamples,
+                           seqlen=seqlen, seed=seed, device=device, dtype=dtype, eval_text=eval_text,
+                           eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, pass_options=overrides)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("layers", total=None)
+
+        def progress(i, n, pname):
+            bar.update(task, total=n, completed=i, description=f"layer {i + 1}/{n} {pname}")
+
+        try:
+            report = run(opts, progress=progress)
+        except UsageError as e:
+            fail(str(e))
+        bar.update(task, completed=bar.tasks[0].total or 0, description="done")
+    if onnx:
+        from cli.export_cmd import export_onnx_dir
+
+        export_onnx_dir(out, out / "onnx")
+    t = Table(title=f"ptq compress: {out}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("recipe", report["recipe"])
+    t.add_row("time", f"{report['compress_seconds']:.1f} s")
+    t.add_row("peak RSS", _fmt_bytes(report["peak_rss_bytes"]))
+    t.add_row("size before", _fmt_bytes(report["size_before_bytes"]))
+    t.add_row("size after", _fmt_bytes(report["size_after_bytes"]))
+    ev = report.get("eval")
+    if ev:
+        t.add_row("perplexity before", f"{ev['ppl_ref']:.3f}")
+        t.add_row("perplexity after", f"{ev['ppl']:.3f}")
+        t.add_row("KL (nats/token)", f"{ev['kl']:.4f}")
+        t.add_row("top-1 agreement", f"{ev['top1']:.3%}")
+    Console().print(t)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="model folder (plain or compressed by ptq)"),
+    text: str = typer.Option(..., "--text", help="text file"),
+    baseline: Optional[str] = typer.Option(None, help="reference model for KL / top-1"),
+    seqlen: int = typer.Option(512, help="window length"),
+    windows: int = typer.Option(40, help="number of windows"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Perplexity of MODEL on TEXT (and KL / top-1 agreement against --baseline)."""
+    from ptq.compress import evaluate_pair
+    from ptq.model_io import ModelInputError
+
+    try:
+        res = evaluate_pair(model, baseline, text, seqlen, windows)
+    except (ModelInputError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if json_out:
+        print(json.dumps(res, indent=2))
+        return
+    t = Table(title=f"ptq eval: {model}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in res.items():
+        if v is not None:
+            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(t)
+
+
+@app.command()
+def recipes():
+    """List the built-in recipes."""
+    from ptq.recipes import list_builtin, load_recipe
+
+    t = Table(title="built-in recipes")
+    t.add_column("name")
+    t.add_column("passes")
+    t.add_column("description")
+    for name in list_builtin():
+        r = load_recipe(name)
+        t.add_row(name, " -> ".join(n for n, _ in r.passes), r.description)
+    Console().print(t)
+
+
+def _register_optional():
+    """Sub-commands living in their own modules (export, gate, inspect)."""
+    import importlib
+
+    for mod in ("cli.export_cmd", "cli.gate_cmd", "cli.inspect_cmd"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        m.register(app)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,285 @@
+"""Model loading that never holds the whole model: a meta-device skeleton plus a `WeightSource` from which
+one decoder layer at a time is materialized.
+
+* `resolve_model(src)`: local folder, or a hub id fetched with `huggingface_hub.snapshot_download`
+  (safetensors, configs and tokenizer files only).
+* Pickled checkpoints (``*.bin``, ``*.pt``, ``*.pth``) are refused unless ``allow_pickle=True``; then they are
+  read with ``torch.load(weights_only=True)``.
+* `SafetensorsSource` reads tensors lazily from (possibly sharded) ``*.safetensors``; `StateDictSource` wraps
+  an in-memory dict (tests, converted checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptq.layermap import LayerMap, get_module, layer_map_for
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class ModelInputError(ValueError):
+    """Bad user input about a model (missing, corrupt, unsupported); the CLI maps it to exit code 2."""
+
+
+class WeightSource:
+    """Name -> tensor mapping, read on demand."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.keys())
+
+
+class StateDictSource(WeightSource):
+    def __init__(self, sd: dict[str, torch.Tensor]):
+        self.sd = sd
+
+    def keys(self):
+        return list(self.sd)
+
+    def get(self, name):
+        return self.sd[name]
+
+
+class SafetensorsSource(WeightSource):
+    """Lazy reader over every ``*.safetensors`` file in a folder (sharded or not)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ModelInputError(f"no *.safetensors files in {self.folder}")
+        self._where: dict[str, Path] = {}
+        self._handles = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+                for k in h.keys():
+                    self._where[k] = f
+            except Exception as e:  # truncated / corrupt header
+                raise ModelInputError(f"corrupt safetensors file {f.name}: {e}. Re-download or re-export it.") from e
+            self._handles[f] = h
+
+    def keys(self):
+        return list(self._where)
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def get(self, name):
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except KeyError:
+            raise
+        except Exception as e:
+            raise ModelInputError(f"cannot read tensor {name} from {self._where[name].name}: {e}") from e
+
+
+class PickleSource(StateDictSource):
+    def __init__(self, folder: Path):
+        sd = {}
+        for f in sorted(p for p in Path(folder).iterdir() if p.suffix in PICKLE_SUFFIXES):
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        super().__init__(sd)
+
+
+def resolve_model(src: str, allow_pickle: bool = False) -> Path:
+    """Local folder for ``src`` (a folder or a hub id). Raises `ModelInputError` with what to do next."""
+    p = Path(src)
+    if p.exists():
+        if not p.is_dir():
+            raise ModelInputError(f"{src} is a file; pass the model folder (config.json + *.safetensors)")
+        return p
+    if src.count("/") == 1 and not src.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+            if allow_pickle:
+                patterns.append("*.bin")
+            return Path(snapshot_download(src, allow_patterns=patterns))
+        except Exception as e:
+            raise ModelInputError(f"cannot fetch {src!r} from the hub ({type(e).__name__}); "
+                                  "download it first and pass the local folder") from e
+    raise ModelInputError(f"model folder {src} does not exist")
+
+
+def open_weights(folder: Path, allow_pickle: bool = False) -> WeightSource:
+    """Dense view of a checkpoint's weights; quantized checkpoints (config ``quantization_config``) are
+    dequantized on the fly by the reader of their format."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        src = SafetensorsSource(folder)
+        qc = _quant_config(folder)
+        if qc:
+            from ptq.export import reader_class
+
+            return reader_class(qc.get("quant_method"))(src, qc)
+        return src
+    pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        if not allow_pickle:
+            raise ModelInputError(f"{folder} holds only pickled weights ({pickled[0]}); pickle can run code. "
+                                  "Convert to safetensors, or pass --allow-pickle if you trust the file")
+        return PickleSource(folder)
+    raise ModelInputError(f"no weights (*.safetensors) in {folder}")
+
+
+def _quant_config(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_config(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.exists():
+        raise ModelInputError(f"{folder} has no config.json; is it a transformers model folder?")
+    try:
+        json.loads(cfg_file.read_text())
+        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelInputError(f"cannot read {cfg_file}: {e}") from e
+    if hasattr(cfg, "quantization_config"):  # we dequantize ourselves; the skeleton is a plain model
+        del cfg.quantization_config
+    return cfg
+
+
+def build_skeleton(config) -> nn.Module:
+    """CausalLM with every parameter on the meta device (no memory); eval mode, sdpa attention."""
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def materialize(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype,
+                device: str = "cpu", tied: dict[str, str] | None = None) -> nn.Module:
+    """Give ``module`` real tensors read from ``source`` (keys ``prefix + local name``), cast to ``dtype``.
+
+    Non-persistent buffers (rotary inv_freq) are recomputed by re-running the module's own init logic.
+    """
+    tied = tied or {}
+    module.to_empty(device=device)
+    for name, p in list(module.named_parameters(recurse=True)):
+        key = prefix + name
+        key = tied.get(key, key)
+        if key not in source:
+            raise ModelInputError(f"weight {key} missing from the checkpoint")
+        t = source.get(key)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ModelInputError(f"weight {key} has shape {tuple(t.shape)}, config expects {tuple(p.shape)}")
+        p.data = t.to(device=device, dtype=dtype)
+    for name, b in list(module.named_buffers(recurse=True)):
+        key = prefix + name
+        if key in source:
+            b.data = source.get(key).to(device=device)
+    _reinit_rotary(module, device)
+    return module
+
+
+def _reinit_rotary(module: nn.Module, device: str) -> None:
+    """Rotary modules keep ``inv_freq`` as a non-persistent buffer: rebuild it with the module's own __init__."""
+    for m in module.modules():
+        if hasattr(m, "inv_freq") and hasattr(m, "config"):
+            with torch.device(device):
+                fresh = type(m)(m.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(m, name, buf)
+            if hasattr(fresh, "attention_scaling"):
+                m.attention_scaling = fresh.attention_scaling
+
+
+def release(module: nn.Module) -> None:
+    """Drop a materialized module's tensors back to meta (frees memory)."""
+    module.to("meta")
+
+
+class StreamingModel:
+    """A model whose decoder layers are materialized one at a time from a `WeightSource`.
+
+    ``model`` stays on meta except for the pre-layer modules (embeddings, rotary), which are loaded at once;
+    `head()` loads the final norm and lm_head on demand.
+    """
+
+    def __init__(self, folder: Path | None, config, source: WeightSource, dtype=torch.float32,
+                 device: str = "cpu"):
+        self.folder, self.config, self.source = folder, config, source
+        self.dtype, self.device = dtype, device
+        self.lmap: LayerMap = layer_map_for(config)
+        self.model = build_skeleton(config)
+        self.tied = {}
+        if getattr(config, "tie_word_embeddings", False) and f"{self.lmap.lm_head}.weight" not in source:
+            self.tied[f"{self.lmap.lm_head}.weight"] = f"{self.lmap.embed[0]}.weight"
+        for path in self.lmap.embed:
+            materialize(get_module(self.model, path), path + ".", source, dtype, device)
+        self._head_loaded = False
+
+    @classmethod
+    def open(cls, src: str, dtype=torch.float32, device="cpu", allow_pickle=False, trust_remote_code=False):
+        folder = resolve_model(src, allow_pickle)
+        config = load_config(folder, trust_remote_code)
+        layer_map_for(config)  # fail fast on unsupported archs
+        return cls(folder, config, open_weights(folder, allow_pickle), dtype, device)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return get_module(self.model, self.lmap.layers)
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.lmap.layers}.{i}."
+
+    def load_layer(self, i: int) -> nn.Module:
+        return materialize(self.layers[i], self.layer_prefix(i), self.source, self.dtype, self.device)
+
+    def head(self) -> tuple[nn.Module, nn.Module]:
+        norm, lm_head = get_module(self.model, self.lmap.final_norm), get_module(self.model, self.lmap.lm_head)
+        if not self._head_loaded:
+            materialize(norm, self.lmap.final_norm + ".", self.source, self.dtype, self.device)
+            materialize(lm_head, self.lmap.lm_head + ".", self.source, self.dtype, self.device, self.tied)
+            self._head_loaded = True
+        return norm, lm_head
+
+    def nonlayer_keys(self) -> list[str]:
+        lp = self.lmap.layers + "."
+        return [k for k in self.source.keys() if not k.startswith(lp)]
+
+
+def full_model(src: str | Path, dtype=torch.float32, allow_pickle=False):
+    """Whole model in memory (for small models, eval and tests), loaded through our own loader."""
+    sm = StreamingModel.open(str(src), dtype=dtype, allow_pickle=allow_pickle)
+    for i in range(len(sm.layers)):
+        sm.load_layer(i)
+    sm.head()
+    if sm.tied:
+        sm.model.tie_weights() if hasattr(sm.model, "tie_weights") else None
+    return sm.model, sm.config
+
+
+def tokenizer_for(folder: Path | str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def dir_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
