@@ -1,0 +1,171 @@
+"""GPTQ rounding (Frantar et al., ICLR 2023): quantize a weight column by column and push each column's
+rounding error onto the not-yet-quantized columns through the inverse Hessian of the layer's input.
+
+For ``W [N, K]`` and calibration inputs ``X [T, K]``:  ``H = 2/T * X^T X  [K, K]`` (fp32, running average),
+dampened ``H += damp * mean(diag H) * I``, ``H^-1 = U^T U`` (U upper Cholesky factor of the inverse). Column i:
+``q_i = Q(w_i)``, ``err_i = (w_i - q_i) / U_ii``, ``W[:, j>i] -= err_i * U[i, j>i]`` (lazily per 128-column block).
+Options: act-order (columns by descending ``diag H``), static groups (qparams fixed on the unpermuted W), and
+true-sequential (Hessians of a sub-block are collected after the previous sub-block was quantized). Linears
+that share an input (q/k/v, gate/up) share one Hessian.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ptq.pipeline import LayerContext, Pass
+from ptq.quant.primitives import QuantSpec, compute_qparams
+from ptq.quant.qweight import QuantizedWeight
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum x x^T`` over token rows ``x [t, K]`` (fp32)."""
+
+    def __init__(self, k: int):
+        self.H = torch.zeros(k, k, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.H += x.T @ x
+
+
+def _inverse_factor(H: torch.Tensor, damp: float, max_tries: int = 4) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp*mean(diag)*I)^-1``; damping x10 on each failed Cholesky."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for _ in range(max_tries):
+        try:
+            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True), damp
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise RuntimeError(f"GPTQ: Hessian not positive definite even with damping {damp / 10:g}; "
+                       "use more calibration samples or a larger damp")
+
+
+def _qparams_cols(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero ``[N]`` for a column block ``w [N, g]`` (one group)."""
+    s, z = compute_qparams(w, QuantSpec(spec.bits, -1, spec.sym, spec.mse))
+    return s[:, 0], z[:, 0]
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
+                  act_order: bool = False, static_groups: bool = False) -> tuple[QuantizedWeight, dict]:
+    """GPTQ of ``W [N, K]`` with Hessian ``H [K, K]`` -> (QuantizedWeight, info {loss, damp})."""
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    N, K = W.shape
+    gs = spec.gsize(K)
+    G = spec.groups(K)
+    maxq = spec.maxq
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scale = torch.zeros(N, G)
+    zero = torch.zeros(N, G)
+    if spec.group_size == -1 or static_groups:  # qparams fixed up front on the unpermuted W
+        for g in range(G):
+            scale[:, g], zero[:, g] = _qparams_cols(W[:, g * gs:(g + 1) * gs], spec)
+
+    perm = torch.arange(K)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U, used_damp = _inverse_factor(H, damp)
+
+    codes = torch.zeros(N, K, dtype=torch.uint8)
+    g_idx = torch.zeros(K, dtype=torch.int32)
+    losses = torch.zeros(N)
+    dynamic_groups = spec.group_size != -1 and not static_groups
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if dynamic_groups:
+                g = col // gs
+                if col % gs == 0:  # refit on the current, error-updated columns of this group
+                    cols = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                    scale[:, g], zero[:, g] = _qparams_cols(cols, spec)
+            else:
+                g = int(perm[col]) // gs
+            g_idx[perm[col]] = g
+            w = W1[:, i]
+            s, z = scale[:, g], zero[:, g]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            wq = s * (q - z)
+            d = U1[i, i]
+            losses += (w - wq) ** 2 / d**2 / 2
+            err = (w - wq) / d
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv]
+    qw = QuantizedWeight(codes, scale, None if spec.sym else zero, spec.bits, gs, g_idx)
+    return qw, {"loss": float(losses.sum()), "damp": used_damp}
+
+
+class GPTQPass(Pass):
+    name = "gptq"
+    needs_calibration = True
+    quantizes_weights = True
+
+    @dataclass
+    class Options:
+        act_order: bool = True
+        true_sequential: bool = True
+        damp: float = 0.01
+        block_size: int = 128
+        static_groups: bool = False
+
+    def _hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, HessianAccumulator]:
+        """One accumulator per distinct input (linears of a group share it)."""
+        owner = {}
+        for n in names:
+            g = ctx.lmap.group_of(n)
+            owner[n] = next(m for m in g.linears if m in names)
+        accs = {o: HessianAccumulator(ctx.module(o).in_features) for o in set(owner.values())}
+
+        def fn(name, x):
+            if name in accs:
+                accs[name].add(x)
+
+        ctx.collect_inputs(sorted(accs), fn)
+        return {n: accs[owner[n]] for n in names}
+
+    @torch.no_grad()
+    def apply(self, ctx: LayerContext) -> None:
+        if not ctx.batches:
+            raise ValueError("GPTQ needs calibration data")
+        present = set(ctx.linears())
+        o = self.opts
+        stages = [[n for n in g.linears if n in present] for g in ctx.lmap.groups] if o.true_sequential \
+            else [[n for n in ctx.lmap.linears() if n in present]]
+        for names in filter(None, stages):
+            hs = self._hessians(ctx, names)
+            for n in names:
+                lin = ctx.module(n)
+                qw, info = gptq_quantize(lin.weight.data, hs[n].H, self.spec, o.block_size, o.damp,
+                                         o.act_order, o.static_groups)
+                deq = qw.dequantize()
+                ctx.stats[f"{n}.gptq_loss"] = info["loss"]
+                ctx.stats[f"{n}.wmse"] = float((deq - lin.weight.data.float()).pow(2).mean())
+                if info["damp"] != o.damp:
+                    ctx.stats[f"{n}.damp"] = info["damp"]
+                lin.weight.data = deq.to(lin.weight.dtype)
+                ctx.qweights[ctx.prefix + n] = qw
