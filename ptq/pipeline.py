@@ -106,13 +106,21 @@ class LayerContext:
         """Run every batch through the layer, calling ``fn(name, x)`` with each named linear's input
         ``x [tokens, K]`` (fp32)."""
         hooks = []
+        seen: set[str] = set()
         for n in names:
             def hook(_m, args, _n=n):
                 fn(_n, args[0].reshape(-1, args[0].shape[-1]).float())
+                seen.add(_n)
+                if len(seen) == len(names):  # nothing later in the layer is needed
+                    raise _Caught
             hooks.append(self.module(n).register_forward_pre_hook(hook))
         try:
             for b in self.batches:
-                layer_forward(self.layer, b)
+                seen.clear()
+                try:
+                    layer_forward(self.layer, b)
+                except _Caught:
+                    pass
         finally:
             for h in hooks:
                 h.remove()
