@@ -20,6 +20,7 @@ from torch import nn
 from ptq.layermap import LayerMap, get_module, layer_map_for
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+BUILTIN_MODELS = ("smollm2-135m",)  # shipped by a pip package, converted once to a local safetensors cache
 
 
 class ModelInputError(ValueError):
@@ -97,6 +98,13 @@ class PickleSource(StateDictSource):
 def resolve_model(src: str, allow_pickle: bool = False) -> Path:
     """Local folder for ``src`` (a folder or a hub id). Raises `ModelInputError` with what to do next."""
     p = Path(src)
+    if src in BUILTIN_MODELS and not p.exists():
+        from ptq.models import smollm2
+
+        try:
+            return smollm2.ensure_cache()
+        except FileNotFoundError as e:
+            raise ModelInputError(str(e)) from e
     if p.exists():
         if not p.is_dir():
             raise ModelInputError(f"{src} is a file; pass the model folder (config.json + *.safetensors)")
