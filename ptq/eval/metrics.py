@@ -115,8 +115,9 @@ def stream_metrics(sm: StreamingModel, windows: torch.Tensor, ref: StreamingMode
     if ref is not None:
         rnorm, rhead = ref.head()
     for j, b in enumerate(final):
-        ids = windows[j * batch_size:(j + 1) * batch_size]
-        logits = head(norm(b.hidden))
-        ref_logits = rhead(rnorm(final_ref[j].hidden)) if final_ref is not None else None
-        acc.add(ids, logits, ref_logits)
+        for r in range(b.hidden.shape[0]):  # one window at a time: logits [1, L, V] are the big tensors
+            ids = windows[j * batch_size + r:j * batch_size + r + 1]
+            logits = head(norm(b.hidden[r:r + 1]))
+            ref_logits = rhead(rnorm(final_ref[j].hidden[r:r + 1])) if final_ref is not None else None
+            acc.add(ids, logits, ref_logits)
     return acc.result()
