@@ -1,0 +1,188 @@
+"""`ptq export <compressed-dir> --format onnx`: a compressed checkpoint -> ONNX with integer kernels, validated in
+onnxruntime against the PyTorch fake-quant model (report in ``<out>/onnx_report.json``).
+
+Steps (`export_onnx`): fp32 KV-cache graph of the fake-quant model (dequantized weights, `ptq.export.onnx_graph`),
+map weight initializers to modules, rewrite quantized linears / embeddings (`ptq.export.onnx_quant`), save
+(external data above ~1.8 GB), then `ptq.export.onnx_validate.validate`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ptq.quant.qweight import QuantizedWeight
+
+MODEL_FILE = "model.onnx"
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def _embedding_paths(model: nn.Module) -> tuple[str, str]:
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(emb)], names[id(head)]
+
+
+@torch.no_grad()
+def quantize_embeddings(model: nn.Module, qweights: dict, bits: int, group_size: int = 32) -> tuple[dict, list]:
+    """Opt-in RTN of the (fp) embedding / lm_head at export (``--embed-bits``): updates the model's weights to the
+    dequantized values (so the reference stays the fake-quant model) and returns ``(tied map, paths quantized)``."""
+    from ptq.quant.primitives import QuantSpec
+
+    emb_path, head_path = _embedding_paths(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied_w = head.weight.data_ptr() == emb.weight.data_ptr()
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=False)
+    done = []
+    for path, mod in ((head_path, head), (emb_path, emb)):
+        if path in qweights or (tied_w and path == emb_path):
+            continue
+        qw = QuantizedWeight.from_float(mod.weight.data, spec)
+        mod.weight.data.copy_(qw.dequantize())
+        qweights[path] = qw
+        done.append(path)
+    return ({emb_path: head_path} if tied_w else {}), done
+
+
+def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: Path, mode: str = "nbits",
+                accuracy_level: int = 4, validate: bool = True, ids: torch.Tensor | None = None,
+                tied: dict[str, str] | None = None, n_new: int = 20, w8a8_weight_type: str = "uint8",
+                proto=None) -> dict:
+    """Export the fake-quant ``model`` (weights = dequantized ``qweights``) to ``out_dir/model.onnx``.
+
+    ``qweights``: module path -> QuantizedWeight (exact codes). ``proto``: an fp graph already exported from this
+    model (`export_graph`; rewritten in place), else it is exported here. Returns (and writes) the report dict.
+    """
+    from ptq.export.onnx_graph import export_graph, save_model, weight_sites
+    from ptq.export.onnx_quant import quantize_graph
+    from ptq.export.onnx_validate import sample_ids
+    from ptq.export.onnx_validate import validate as run_validation
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if tied is None:
+        emb_path, head_path = _embedding_paths(model)
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = {emb_path: head_path} if head.weight.data_ptr() == emb.weight.data_ptr() else {}
+    proto = export_graph(model) if proto is None else proto
+    sites = weight_sites(proto, model)
+    mapped = {s.module for s in sites}
+    missing = sorted(set(qweights) - mapped)
+    if missing:
+        raise ValueError(f"quantized modules not found in the ONNX graph: {missing[:5]}")
+    rw = quantize_graph(proto, sites, qweights, mode=mode, accuracy_level=accuracy_level, tied=tied,
+                        w8a8_weight_type=w8a8_weight_type)
+    files = save_model(proto, out_dir / MODEL_FILE)
+    del proto
+    report = {"mode": mode, "accuracy_level": accuracy_level, "opset": 21,
+              "files": {f.name: f.stat().st_size for f in files},
+              "size_bytes": sum(f.stat().st_size for f in files), "export_seconds": round(time.time() - t0, 2),
+              **rw}
+    if validate:
+        ids = ids if ids is not None else sample_ids(model.config)
+        w8 = [m for m, op in rw["replaced"].items() if op == "DynamicQuantizeMatMul"]
+        t1 = time.time()
+        report["validation"] = run_validation(out_dir / MODEL_FILE, model, ids, n_new=n_new, qdq=mode == "qdq",
+                                              w8a8_modules=w8)
+        report["validation"]["seconds"] = round(time.time() - t1, 2)
+    (out_dir / "onnx_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def load_compressed(compressed_dir: Path) -> tuple[nn.Module, dict[str, QuantizedWeight], dict]:
+    """Fake-quant model (through ptq's reader, which dequantizes) + the exact QuantizedWeights of every module the
+    reader knows (``reader.qweight(path)``) + the compress report (``report.json``) if any."""
+    from ptq.model_io import full_model, open_weights
+
+    model, _ = full_model(compressed_dir)
+    src = open_weights(Path(compressed_dir))
+    if not hasattr(src, "qweight"):
+        raise ValueError(f"{compressed_dir} has no quantized weights ptq can read (compress with "
+                         "--format gptq or compressed-tensors)")
+    qweights = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            qw = src.qweight(name)
+            if qw is not None:
+                qweights[name] = qw
+    rep_file = Path(compressed_dir) / "report.json"
+    rep = json.loads(rep_file.read_text()) if rep_file.exists() else {}
+    return model.eval(), qweights, rep
+
+
+def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4, qdq: bool = False,
+                    validate: bool = True, embed_bits: int | None = None) -> dict:
+    """`ptq compress --format onnx` / `ptq export`: compressed folder -> ONNX folder (+ config/tokenizer files)."""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    model, qweights, rep = load_compressed(Path(compressed_dir))
+    act_bits = (rep.get("defaults") or {}).get("act_bits")
+    mode = "qdq" if qdq else "w8a8" if act_bits == 8 else "nbits"
+    tied, extra = None, []
+    if embed_bits:
+        tied, extra = quantize_embeddings(model, qweights, embed_bits)
+    tok = None
+    try:
+        from ptq.model_io import tokenizer_for
+
+        tok = tokenizer_for(compressed_dir)
+    except Exception:  # tokenizer files are optional for validation
+        pass
+    from ptq.export.onnx_validate import sample_ids
+
+    report = export_onnx(model, qweights, out_dir, mode=mode, accuracy_level=accuracy_level, validate=validate,
+                         ids=sample_ids(model.config, tok), tied=tied)
+    report["source"] = str(compressed_dir)
+    report["quantized_at_export"] = extra
+    if act_bits == 8:
+        report["act_quant_note"] = ("ORT DynamicQuantizeMatMul quantizes activations per tensor, dynamically; the "
+                                    "recipe's activation granularity is "
+                                    f"{(rep.get('defaults') or {}).get('act_granularity')!r}")
+    for f in COPY_FILES:
+        if (Path(compressed_dir) / f).exists():
+            shutil.copy2(Path(compressed_dir) / f, Path(out_dir) / f)
+    (Path(out_dir) / "onnx_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def register(app) -> None:
+    import typer
+
+    @app.command("export")
+    def export(
+        compressed_dir: Path = typer.Argument(..., help="folder written by `ptq compress` (gptq / compressed-tensors)"),
+        fmt: str = typer.Option("onnx", "--format", help="onnx"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default <dir>/onnx)"),
+        accuracy_level: int = typer.Option(4, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact fp32 "
+                                           "compute, 4 int8 activations (fast on CPU)"),
+        qdq: bool = typer.Option(False, "--qdq", help="portable DequantizeLinear(int4, block) + MatMul graph"),
+        embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="also RTN-quantize the fp embedding / "
+                                                 "lm_head at export (4 or 8, group 32)"),
+        no_validate: bool = typer.Option(False, "--no-validate", help="skip the onnxruntime check"),
+    ):
+        """Export a compressed model to ONNX (MatMulNBits / GatherBlockQuantized / DynamicQuantizeMatMul)."""
+        from cli.main import Console, fail
+
+        if fmt != "onnx":
+            fail(f"--format {fmt!r} is not supported by `ptq export`; use onnx")
+        if not compressed_dir.is_dir():
+            fail(f"{compressed_dir} is not a folder")
+        if embed_bits not in (None, 2, 4, 8):
+            fail("--embed-bits must be 2, 4 or 8")
+        if accuracy_level not in range(5):
+            fail("--accuracy-level must be 0..4")
+        try:
+            rep = export_onnx_dir(compressed_dir, out or compressed_dir / "onnx", accuracy_level, qdq,
+                                  not no_validate, embed_bits)
+        except ValueError as e:
+            fail(str(e))
+        v = rep.get("validation", {})
+        Console().print(json.dumps({k: rep[k] for k in ("mode", "accuracy_level", "size_bytes", "fallback_fp")}
+                                   | {k: v[k] for k in v if k.startswith(("max_abs", "greedy_match"))}, indent=2))
