@@ -59,6 +59,7 @@ def compress(
     eval_windows: int = typer.Option(40, help="evaluation windows"),
     set_: list[str] = typer.Option([], "--set", help="pass option override PASS.OPTION=VALUE (repeatable)"),
     force: bool = typer.Option(False, help="replace an existing output folder"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from <out>.ptq-partial (last finished layer)"),
     allow_pickle: bool = typer.Option(False, help="allow loading pickled *.bin checkpoints (runs code!)"),
     trust_remote_code: bool = typer.Option(False, help="allow the model's own Python code"),
 ):
@@ -74,7 +75,7 @@ def compress(
                            act_bits=act_bits, format=None if onnx else fmt, calib=calib, nsamples=nsamples,
                            seqlen=seqlen, seed=seed, device=device, dtype=dtype, eval_text=eval_text,
                            eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, pass_options=overrides)
+                           trust_remote_code=trust_remote_code, pass_options=overrides, resume=resume)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("layers", total=None)

@@ -6,11 +6,12 @@ folder to the output only when all of it succeeded (nothing half-written on fail
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import resource
 import shutil
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,12 @@ from pathlib import Path
 import torch
 
 from ptq.export import writer_class
-from ptq.model_io import ModelInputError, StreamingModel, dir_size, tokenizer_for
+from ptq.layermap import get_module
+from ptq.manifest import build_manifest, ptq_version, write_manifest
+from ptq.model_io import ModelInputError, StreamingModel, WeightSource, dir_size, tokenizer_for
 from ptq.passes import get_pass_class
 from ptq.pipeline import compress_loop
+from ptq.resume import Checkpointer, fingerprint, model_fingerprint, partial_dir
 from ptq.quant.primitives import QuantSpec
 from ptq.recipes import Recipe, load_recipe
 
@@ -54,6 +58,7 @@ class CompressOptions:
     force: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    resume: bool = False  # continue an interrupted run from <out>.ptq-partial (ptq.resume)
     pass_options: dict = field(default_factory=dict)  # pass name -> {option: value} overrides
 
 
@@ -119,8 +124,80 @@ def build_passes(recipe: Recipe, spec: QuantSpec, defaults) -> list:
     return passes
 
 
+class FiniteSource(WeightSource):
+    """Wraps a `WeightSource`: every floating tensor read is checked for NaN/Inf (so a corrupt layer 17 is
+    reported by name the moment it loads, not as a NaN perplexity after the export)."""
+
+    def __init__(self, inner: WeightSource):
+        self.inner = inner
+
+    def keys(self):
+        return self.inner.keys()
+
+    def __contains__(self, name):
+        return name in self.inner
+
+    def get(self, name):
+        t = self.inner.get(name)
+        check_finite(name, t)
+        return t
+
+    def __getattr__(self, attr):  # anything else (folder, reader internals) comes from the wrapped source
+        return getattr(self.inner, attr)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise UsageError(f"weight {name} has {bad} NaN/Inf value(s) of {t.numel()}; the checkpoint is corrupt")
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space where ``folder`` will be created (``PTQ_TEST_FREE_BYTES`` simulates a full disk in tests)."""
+    fake = os.environ.get("PTQ_TEST_FREE_BYTES")
+    if fake is not None:
+        return int(fake)
+    p = Path(folder).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def estimate_output_bytes(sm: StreamingModel, calib_ids, hidden: int, dtype: torch.dtype) -> int:
+    """Upper estimate of the disk the run needs: the dense weights (an fp export is at most the input size),
+    two resume-state files of calibration activations ``[n, L, H]`` and 16 MiB for configs/tokenizer."""
+    weights = sum(f.stat().st_size for f in Path(sm.folder).glob("*.safetensors")) if sm.folder else 0
+    acts = 0 if calib_ids is None else 2 * calib_ids.numel() * hidden * torch.finfo(dtype).bits // 8
+    return weights + acts + (16 << 20)
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _make_parent(out: Path) -> Path | None:
+    """Create ``out.parent`` if needed; return the topmost folder created (to remove it on failure)."""
+    top = None
+    p = out.parent
+    while not p.exists():
+        top, p = p, p.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return top
+
+
+def _remove_created(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def compress(opts: CompressOptions, progress=None) -> dict:
-    """Run the converter; returns the report (also written to ``<out>/report.json``)."""
+    """Run the converter; returns the report (also written to ``<out>/report.json``).
+
+    All input checks run before any file is written. The output is built in ``<out>.ptq-partial`` with a
+    resume state after each layer (ptq.resume) and renamed to ``<out>`` at the very end. Bad input
+    (`UsageError`, including NaN/Inf weights found mid-run) removes the partial folder; an interruption or
+    crash keeps it so ``--resume`` continues from the last finished layer.
+    """
     t0 = time.time()
     recipe, spec = resolve_settings(opts)
     out = Path(opts.out)
@@ -130,6 +207,10 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     except (ModelInputError, ValueError) as e:
         raise UsageError(str(e)) from e
     check_output(out, sm.folder, opts.force)
+    for path in sm.lmap.embed:  # already materialized by open(); later reads go through FiniteSource
+        for name, p in get_module(sm.model, path).named_parameters():
+            check_finite(f"{path}.{name}", p.data)
+    sm.source = FiniteSource(sm.source)
     calib_ids = None
     if recipe.needs_calibration:
         from calib.data import CalibrationError, load_calibration
@@ -140,22 +221,66 @@ def compress(opts: CompressOptions, progress=None) -> dict:
             calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed)
         except CalibrationError as e:
             raise UsageError(str(e)) from e
-    writer_cls = writer_class(recipe.defaults.format)
+    try:
+        writer_cls = writer_class(recipe.defaults.format)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     passes = build_passes(recipe, spec, recipe.defaults)
+    info = run_info(opts, recipe, spec, sm, calib_ids)
+    fp = fingerprint({k: info[k] for k in ("model_fingerprint", "recipe", "spec", "format", "dtype", "calibration")}
+                     | {"device": opts.device, "ptq": ptq_version()})
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ptq-tmp-", dir=out.parent))
+    tmp = partial_dir(out)
+    ckpt = Checkpointer(tmp, fp)
+    resume_state = None
+    if tmp.exists():
+        if opts.resume and ckpt.has_state():
+            try:
+                resume_state = ckpt.load()
+            except ValueError as e:
+                if not opts.force:
+                    raise UsageError(str(e)) from e
+        elif not (opts.resume or opts.force):
+            raise UsageError(f"found an unfinished run in {tmp}; pass --resume to continue it or --force to start over")
+    need = estimate_output_bytes(sm, calib_ids, sm.config.hidden_size, DTYPES[opts.dtype])
+    have = free_bytes(out.parent)
+    if have < need:
+        raise UsageError(f"not enough disk space for {out}: {_fmt_size(have)} free, about {_fmt_size(need)} "
+                         "needed; free some space or choose another --out")
+
+    if resume_state is None and tmp.exists():
+        shutil.rmtree(tmp)
+    created = _make_parent(out)
+    tmp.mkdir(exist_ok=True)
     try:
         writer = writer_cls(tmp, sm, spec, meta={"recipe": recipe.name})
-        loop = compress_loop(sm, passes, calib_ids, spec, writer, progress=progress)
+        stats: list[dict] = []
+        start, restore = 0, None
+        if resume_state is not None:
+            st, tensors = resume_state
+            stats, start = list(st.stats), st.layer + 1
+
+            def restore(batches):
+                return ckpt.restore(st, tensors, writer, passes, batches)
+
+        n_layers = len(sm.layers)
+
+        def on_layer_done(i, batches):
+            ckpt.save(i, n_layers, batches, writer, stats, passes)
+
+        loop = compress_loop(sm, passes, calib_ids, spec, writer, progress=progress, start_layer=start,
+                             on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore)
         writer.write_nonlayer()
         writer.finalize(loop.artifacts)
+        write_manifest(tmp, build_manifest(tmp, layers=loop.layer_stats, **{k: info[k] for k in (
+            "recipe", "spec", "format", "dtype", "model_name", "model_fingerprint", "calibration")}))
         t_compress = time.time() - t0
         report = {
             "recipe": recipe.name, "spec": dataclasses.asdict(spec),
             "defaults": dataclasses.asdict(recipe.defaults), "format": recipe.defaults.format,
             "passes": [{"name": n, **dataclasses.asdict(o)} for n, o in recipe.passes],
             "calibration": dataclasses.asdict(recipe.calibration) if calib_ids is not None else None,
+            "resumed_from_layer": start if resume_state is not None else None,
             "compress_seconds": round(t_compress, 2),
             "size_before_bytes": dir_size(sm.folder) if sm.folder else None,
             "size_after_bytes": dir_size(tmp),
@@ -166,13 +291,55 @@ def compress(opts: CompressOptions, progress=None) -> dict:
                                            opts.eval_windows, opts.dtype)
         report["peak_rss_bytes"] = peak_rss_bytes()
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        ckpt.clear()
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except UsageError:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
+        raise
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            _keep_or_remove(tmp, ckpt, created, quiet=True)
+            raise UsageError(f"disk full while writing {tmp}; finished layers are kept there: free some space "
+                             "and rerun with --resume") from e
+        _keep_or_remove(tmp, ckpt, created)
+        raise
+    except BaseException:
+        _keep_or_remove(tmp, ckpt, created)
         raise
     return report
+
+
+def _keep_or_remove(tmp: Path, ckpt: Checkpointer, created: Path | None, quiet: bool = False) -> None:
+    """Interrupted or crashed: keep finished layers for --resume, else leave nothing behind."""
+    if ckpt.has_state():
+        if not quiet:
+            print(f"ptq: interrupted; finished layers are kept in {tmp}. Rerun the same command with --resume "
+                  "to continue (or --force to start over).", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
+
+
+def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: StreamingModel, calib_ids) -> dict:
+    """Deterministic description of the run (manifest content and resume fingerprint)."""
+    from calib.data import calibration_hash
+
+    c = recipe.calibration
+    cal = None
+    if calib_ids is not None:
+        cal = {"source": Path(c.path).name if c.path else "embedded", "nsamples": c.nsamples,
+               "seqlen": c.seqlen, "seed": c.seed, "tokens_sha256": calibration_hash(calib_ids)}
+    return {
+        "recipe": {"name": recipe.name, "description": recipe.description,
+                   "defaults": dataclasses.asdict(recipe.defaults),
+                   "passes": [{"name": n, "options": dataclasses.asdict(o)} for n, o in recipe.passes]},
+        "spec": dataclasses.asdict(spec), "format": recipe.defaults.format, "dtype": opts.dtype,
+        "model_name": Path(sm.folder).name if sm.folder else None,
+        "model_fingerprint": model_fingerprint(sm.folder), "calibration": cal,
+    }
 
 
 def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
@@ -182,6 +349,9 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     from ptq.eval.metrics import eval_windows, stream_metrics
 
     sm = StreamingModel.open(model, dtype=DTYPES[dtype])
+    from ptq.passes.act_quant import install_streaming
+
+    install_streaming(sm)  # activation quantizers recorded in config.json (OS+ / SmoothQuant / W8A8 recipes)
     ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
     tok = tokenizer_for(sm.folder)
     windows = eval_windows(tokenize(read_text(text), tok), seqlen, max_windows)

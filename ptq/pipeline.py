@@ -168,15 +168,21 @@ def compress_loop(sm: StreamingModel, passes: list[Pass], calib_ids: torch.Tenso
                   writer=None, progress: Callable[[int, int, str], None] | None = None,
                   start_layer: int = 0, batches: list[Batch] | None = None,
                   on_layer_done: Callable[[int, list[Batch]], None] | None = None,
-                  batch_size: int = 1) -> LoopResult:
+                  batch_size: int = 1, layer_stats: list[dict] | None = None,
+                  restore_batches: Callable[[list[Batch]], list[Batch]] | None = None) -> LoopResult:
     """Compress ``sm`` in place layer by layer. ``writer.write_layer(prefix, layer, ctx)`` receives each
-    finished layer before it is freed. ``start_layer``/``batches`` resume an interrupted run."""
+    finished layer before it is freed. ``start_layer``/``batches`` resume an interrupted run;
+    ``layer_stats`` (stats of the layers already done) is extended in place, so ``on_layer_done`` can read
+    the finished layer's stats as ``layer_stats[-1]``. ``restore_batches`` maps the freshly captured layer-0
+    inputs (after the passes' setup) to the saved inputs of ``start_layer`` (see ptq.resume)."""
     for p in passes:
         p.setup(sm)
     if batches is None:
         batches = capture_inputs(sm, calib_ids, batch_size) if calib_ids is not None else []
+    if restore_batches is not None:
+        batches = restore_batches(batches)
     n = len(sm.layers)
-    stats = []
+    stats = layer_stats if layer_stats is not None else []
     for i in range(start_layer, n):
         layer = sm.load_layer(i)
         ctx = LayerContext(i, layer, sm.layer_prefix(i), sm.lmap, sm.config, batches, spec)

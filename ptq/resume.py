@@ -1,0 +1,167 @@
+"""Checkpointing of the layer loop so an interrupted `ptq compress` resumes from the last finished layer.
+
+Layout: the output is built in ``<out>.ptq-partial/`` (a name fixed by the output, so a rerun finds it). After
+decoder layer ``i`` is written (its shard ``layer-0000i.safetensors`` is already in the folder) we save
+
+* ``ptq-state-batches-0000i.safetensors``: the next layer's inputs ``hidden [b, L, H]`` for every calibration
+  batch (``batch.{j}``), the torch RNG state (``rng``) and tensors of passes that keep cross-layer state;
+* ``ptq-state.json`` (written last, atomically with ``os.replace``): the layer index, the fingerprint of the
+  inputs, the writer's weight map, per-layer stats and JSON state of passes/writer.
+
+A kill at any moment leaves either the previous or the new consistent state. The attention mask / rotary
+keyword arguments of a `Batch` are identical for every layer; on resume they are recomputed by re-running
+the embeddings (`capture_inputs`) and only ``hidden`` is taken from the state file. Passes with state that
+spans layers may implement ``resume_state() -> dict`` and ``load_resume_state(dict)`` (tensors and
+JSON-able values); writers with extra state likewise. The fingerprint (sha256 of model file headers, recipe,
+options, calibration token hash) makes a resume with different inputs fail instead of mixing two runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "ptq-state.json"
+BATCH_PREFIX = "ptq-state-batches-"
+TEST_KILL_ENV = "PTQ_TEST_KILL_AFTER_LAYER"  # test hook: SIGKILL ourselves right after layer k's state is saved
+
+
+def partial_dir(out: Path) -> Path:
+    """``<out>.ptq-partial`` beside the output (deterministic, so an interrupted run can be found again)."""
+    out = Path(out)
+    return out.with_name(out.name + ".ptq-partial")
+
+
+def is_state_file(name: str) -> bool:
+    return name == STATE_FILE or name.startswith(BATCH_PREFIX) or name.endswith(".ptq-tmp")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def model_fingerprint(folder: Path | None) -> str:
+    """Cheap content fingerprint of a model folder: sizes of all files, full sha256 of small files (configs,
+    tokenizer) and of the header (names, dtypes, shapes, offsets) of each safetensors file. Weights are not
+    read (a 7B model is not hashed on every run)."""
+    if folder is None:
+        return "in-memory"
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        if f.suffix == ".safetensors" and size >= 8:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(n, 100 << 20)))
+        elif size <= 4 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class State:
+    layer: int  # last finished layer
+    n_layers: int
+    fingerprint: str
+    weight_map: dict
+    qweights_written: list
+    stats: list
+    passes: list = field(default_factory=list)  # JSON part of each pass's resume_state()
+    writer: dict | None = None
+    batches_file: str = ""
+
+
+def _split(state: dict, prefix: str, tensors: dict) -> dict:
+    """Move tensor values of ``state`` into ``tensors`` (keys ``prefix + name``); return the JSON rest."""
+    rest = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            tensors[prefix + k] = v.detach().contiguous().cpu()
+        else:
+            rest[k] = v
+    return rest
+
+
+class Checkpointer:
+    """Saves/loads the loop state in a partial output folder."""
+
+    def __init__(self, folder: Path, fp: str):
+        self.folder, self.fp = Path(folder), fp
+
+    def has_state(self) -> bool:
+        return (self.folder / STATE_FILE).is_file()
+
+    def save(self, layer: int, n_layers: int, batches: list, writer, stats: list, passes: list) -> None:
+        tensors = {f"batch.{j}": b.hidden for j, b in enumerate(batches)}
+        tensors["rng"] = torch.get_rng_state()
+        pstates = []
+        for k, p in enumerate(passes):
+            st = p.resume_state() if hasattr(p, "resume_state") else {}
+            pstates.append(_split(st, f"pass.{k}.", tensors))
+        wstate = writer.resume_state() if hasattr(writer, "resume_state") else None
+        name = f"{BATCH_PREFIX}{layer:05d}.safetensors"
+        tmp = self.folder / (name + ".ptq-tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.folder / name)
+        st = State(layer, n_layers, self.fp, dict(writer.weight_map), list(writer.qweights_written),
+                   list(stats), pstates, wstate, name)
+        tmp = self.folder / (STATE_FILE + ".ptq-tmp")
+        tmp.write_text(json.dumps(st.__dict__, indent=1))
+        os.replace(tmp, self.folder / STATE_FILE)
+        for old in self.folder.glob(BATCH_PREFIX + "*"):  # older batch files are no longer referenced
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        kill_at = os.environ.get(TEST_KILL_ENV)
+        if kill_at is not None and int(kill_at) == layer:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def load(self) -> tuple[State, dict[str, torch.Tensor]]:
+        """The saved state and its tensors; raises ValueError if it is unreadable or from other inputs."""
+        try:
+            st = State(**json.loads((self.folder / STATE_FILE).read_text()))
+            tensors = load_file(str(self.folder / st.batches_file))
+        except Exception as e:
+            raise ValueError(f"cannot read the resume state in {self.folder} ({e}); pass --force to start over") from e
+        if st.fingerprint != self.fp:
+            raise ValueError(f"{self.folder} holds an unfinished run with different inputs (model, recipe, "
+                             "options or calibration data); rerun with the same inputs, or pass --force to start over")
+        return st, tensors
+
+    def restore(self, st: State, tensors: dict, writer, passes: list, batches: list) -> list:
+        """Put the saved state back: writer bookkeeping, pass state, RNG; returns ``batches`` with the saved
+        hidden states (kwargs kept from the fresh capture)."""
+        writer.weight_map.update(st.weight_map)
+        writer.qweights_written[:] = st.qweights_written
+        if st.writer is not None and hasattr(writer, "load_resume_state"):
+            writer.load_resume_state(st.writer)
+        for k, (p, js) in enumerate(zip(passes, st.passes)):
+            if hasattr(p, "load_resume_state"):
+                pre = f"pass.{k}."
+                p.load_resume_state({**js, **{n[len(pre):]: t for n, t in tensors.items() if n.startswith(pre)}})
+        torch.set_rng_state(tensors["rng"])
+        from ptq.pipeline import Batch
+
+        n = sum(1 for k in tensors if k.startswith("batch."))
+        if n != len(batches):
+            raise ValueError(f"resume state has {n} batches, this run has {len(batches)}; pass --force to start over")
+        return [Batch(tensors[f"batch.{j}"], b.kwargs) for j, b in enumerate(batches)]
+
+    def clear(self) -> None:
+        for f in list(self.folder.iterdir()):
+            if is_state_file(f.name):
+                f.unlink(missing_ok=True)
