@@ -24,7 +24,7 @@ from ptq.manifest import build_manifest, ptq_version, write_manifest
 from ptq.model_io import ModelInputError, StreamingModel, WeightSource, dir_size, tokenizer_for
 from ptq.passes import get_pass_class
 from ptq.pipeline import compress_loop
-from ptq.resume import Checkpointer, fingerprint, model_fingerprint, partial_dir
+from ptq.resume import Checkpointer, fingerprint, model_fingerprint, not_resumable, partial_dir
 from ptq.quant.primitives import QuantSpec
 from ptq.recipes import Recipe, load_recipe
 
@@ -234,6 +234,9 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     ckpt = Checkpointer(tmp, fp)
     resume_state = None
     if tmp.exists():
+        if opts.resume and ckpt.has_state() and not opts.force and not_resumable(passes):
+            raise UsageError(f"pass(es) {', '.join(not_resumable(passes))} keep state across layers and cannot "
+                             f"resume; pass --force to start over (the unfinished run in {tmp} is kept)")
         if opts.resume and ckpt.has_state():
             try:
                 resume_state = ckpt.load()

@@ -32,6 +32,15 @@ BATCH_PREFIX = "ptq-state-batches-"
 TEST_KILL_ENV = "PTQ_TEST_KILL_AFTER_LAYER"  # test hook: SIGKILL ourselves right after layer k's state is saved
 
 
+def not_resumable(passes: list) -> list[str]:
+    """Names of passes that keep state across layers (they override ``finalize``) without implementing
+    ``resume_state``/``load_resume_state``: resuming them would silently lose that state."""
+    from ptq.pipeline import Pass
+
+    return [p.name for p in passes if type(p).finalize is not Pass.finalize
+            and not (hasattr(p, "resume_state") and hasattr(p, "load_resume_state"))]
+
+
 def partial_dir(out: Path) -> Path:
     """``<out>.ptq-partial`` beside the output (deterministic, so an interrupted run can be found again)."""
     out = Path(out)
