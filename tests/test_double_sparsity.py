@@ -1,0 +1,236 @@
+"""Double Sparsity: calibration statistics, sparse attention math, transformers install, compress artifacts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptq.model_io import full_model
+from ptq.sparse.double_sparsity import (ChannelStats, DSConfig, apply_rope, double_sparse_attention,
+                                        fake_quant_labels, install, install_from, random_labels, uninstall)
+
+
+def dense_ref(q, k, v, scaling, allowed):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * scaling
+    s = s.masked_fill(~allowed, float("-inf"))
+    return F.softmax(s, -1) @ v
+
+
+def oracle_topk(q, k, v, scaling, allowed, kk):
+    """Exact top-k attention: keep the kk largest exact scores per row."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * scaling
+    s = s.masked_fill(~allowed, float("-inf"))
+    idx = s.topk(min(kk, s.shape[-1]), -1).indices
+    keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True) & allowed
+    return F.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+
+
+def causal(Lq, Lk):
+    return (torch.arange(Lk)[None] <= torch.arange(Lq)[:, None] + (Lk - Lq))[None, None]
+
+
+def rnd(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("H,Hkv,Lq", [(4, 4, 37), (6, 2, 37), (6, 2, 1)])
+def test_full_r_full_k_equals_dense(H, Hkv, Lq):
+    """r = head_dim and k = all tokens: exactly dense attention (prefill with chunks, and decode)."""
+    b, Lk, d = 2, 37, 16
+    q, k, v = rnd(b, H, Lq, d, seed=1), rnd(b, Hkv, Lk, d, seed=2), rnd(b, Hkv, Lk, d, seed=3)
+    labels = random_labels(H, d, seed=4)
+    cfg = DSConfig(heavy_tokens=Lk, heavy_channels=d, q_chunk=8)
+    out = double_sparse_attention(q, k, v, labels, cfg, d**-0.5, None)
+    ref = dense_ref(q, k, v, d**-0.5, causal(Lq, Lk))
+    assert (out - ref).abs().max() < 1e-12
+    # the same through a bool mask and an additive float mask
+    al = causal(Lq, Lk).expand(b, 1, Lq, Lk)
+    fm = torch.zeros(b, 1, Lq, Lk, dtype=torch.float64).masked_fill(~al, torch.finfo(torch.float64).min)
+    for m in (al, fm):
+        assert (double_sparse_attention(q, k, v, labels, cfg, d**-0.5, m) - ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("Lq", [1, 40])
+def test_full_r_is_exact_topk(Lq):
+    """With r = d the label scores are exact, so k < Lk keeps exactly the true top-k tokens."""
+    b, H, Hkv, Lk, d, kk = 1, 4, 2, 40, 8, 7
+    q, k, v = rnd(b, H, Lq, d, seed=5), rnd(b, Hkv, Lk, d, seed=6), rnd(b, Hkv, Lk, d, seed=7)
+    cfg = DSConfig(heavy_tokens=kk, heavy_channels=d, q_chunk=16)
+    out = double_sparse_attention(q, k, v, random_labels(Hkv, d, 1), cfg, d**-0.5, None)
+    ora = oracle_topk(q, k, v, d**-0.5, causal(Lq, Lk), kk)
+    assert (out - ora).abs().max() < 1e-12
+    assert (out - dense_ref(q, k, v, d**-0.5, causal(Lq, Lk))).abs().max() > 1e-3  # really sparse
+
+
+def test_decode_gather_equals_prefill_mask_path():
+    """The decode gather path and the prefill masking path agree on the last query row (r < d, 4-bit labels)."""
+    b, H, Hkv, L, d = 1, 4, 2, 50, 16
+    q, k, v = rnd(b, H, L, d, seed=8), rnd(b, Hkv, L, d, seed=9), rnd(b, Hkv, L, d, seed=10)
+    cfg = DSConfig(heavy_tokens=9, heavy_channels=4, label_bits=4)
+    lab = random_labels(H, d, 2)
+    full = double_sparse_attention(q, k, v, lab, cfg, None, None)
+    last = double_sparse_attention(q[:, :, -1:], k, v, lab, cfg, None, None)
+    assert (full[:, :, -1:] - last).abs().max() < 1e-12
+
+
+def test_fake_quant_labels():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0]])
+    assert torch.equal(fake_quant_labels(x, 2), x)  # 4 levels on [0, 3]: exact; constant row kept
+    y = fake_quant_labels(torch.tensor([[0.0, 0.4, 1.0]]), 1)
+    assert torch.equal(y, torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_channel_stats_accumulate_all_batches():
+    """qk statistic = mean over ALL tokens of every batch (the reference keeps only the last batch)."""
+    H, Hkv, d, L = 4, 2, 8, 5
+    st = ChannelStats(H, Hkv, d)
+    pos = torch.arange(L, dtype=torch.float64)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    emb = torch.cat([pos[:, None] * inv] * 2, -1)[None]
+    cos, sin = emb.cos(), emb.sin()
+    qs, ks = [rnd(1, L, H * d, seed=20 + i) * (1 + 3 * i) for i in range(3)], [rnd(1, L, Hkv * d, seed=30 + i) for i in range(3)]
+    for q, k in zip(qs, ks):
+        st.update(q, k, cos, sin)
+    q4 = torch.cat([apply_rope(q.view(1, L, H, d).transpose(1, 2), cos, sin) for q in qs], 2)
+    k4 = torch.cat([apply_rope(k.view(1, L, Hkv, d).transpose(1, 2), cos, sin) for k in ks], 2)
+    want = (q4 * k4.repeat_interleave(2, 1)).abs().mean((0, 2))
+    m = st.means()
+    assert st.tokens == 3 * L
+    assert torch.allclose(m["qk"], want, atol=1e-6)
+    last_only = (q4[:, :, -L:] * k4.repeat_interleave(2, 1)[:, :, -L:]).abs().mean((0, 2))
+    assert not torch.allclose(m["qk"], last_only, atol=1e-3)
+    assert torch.allclose(m["qk_kv"], want.view(Hkv, 2, d).sum(1), atol=1e-6)
+    lab = st.labels()["qk"]
+    assert torch.equal(lab[:, 0], want.argmax(-1))
+    assert sorted(lab[0].tolist()) == list(range(d))
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory):
+    """Only the tiny GQA Llama (building all tiny_models costs ~13 s)."""
+    from conftest import make_tiny
+
+    return make_tiny("llama-gqa", tmp_path_factory.mktemp("ds") / "llama-gqa")
+
+
+def _ids(n=2, L=48, vocab=300, seed=0):
+    return torch.randint(2, vocab, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_installed_model_full_k_equals_dense_and_oracle(gqa_dir):
+    """In a real transformers model: k >= L gives the dense logits; r = d with k < L gives exact top-k attention
+    (checked against an eager model whose attention keeps the true top-k); small r and k change the logits."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    model, cfg = full_model(gqa_dir)
+    model = model.double()
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        H, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        labels = {i: random_labels(H, d, i) for i in range(cfg.num_hidden_layers)}
+        install(model, labels, DSConfig(heavy_tokens=48, heavy_channels=d, dense_layers=0))
+        assert (model(input_ids=ids).logits - dense).abs().max() < 1e-10
+        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=0, q_chunk=16))
+        sparse = model(input_ids=ids).logits
+
+        def oracle(module, q, k, v, mask, scaling=None, **kw):
+            al = causal(q.shape[2], k.shape[2]) if mask is None else mask
+            return oracle_topk(q, k, v, scaling, al, 6).transpose(1, 2), None
+
+        AttentionInterface.register("test_oracle", oracle)
+        AttentionMaskInterface.register("test_oracle", sdpa_mask)
+        uninstall(model, "test_oracle")
+        assert (sparse - model(input_ids=ids).logits).abs().max() < 1e-10
+        assert (sparse - dense).abs().max() > 1e-3
+        # dense_layers / threshold: layer 0 dense, layer 1 sparse differs from all-sparse
+        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=1))
+        part = model(input_ids=ids).logits
+        assert (part - sparse).abs().max() > 1e-6 and (part - dense).abs().max() > 1e-6
+        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=0, sparse_threshold=48))
+        assert (model(input_ids=ids).logits - dense).abs().max() < 1e-10
+        uninstall(model)
+        assert (model(input_ids=ids).logits - dense).abs().max() < 1e-10
+
+
+def test_generate_with_cache_matches_prefill(gqa_dir):
+    """Greedy decode with the KV cache (decode gather path) picks the same tokens as full recomputation."""
+    model, cfg = full_model(gqa_dir)
+    H, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    install(model, {i: random_labels(H, d, i) for i in range(2)}, DSConfig(heavy_tokens=8, heavy_channels=4,
+                                                                             dense_layers=0))
+    ids = _ids(1, 30, seed=3)
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=1)
+        seq = ids
+        for _ in range(5):
+            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(gen, seq)
+
+
+def test_compress_writes_labels_and_unchanged_weights(gqa_dir, tmp_path):
+    from safetensors import safe_open
+
+    from ptq.compress import CompressOptions, compress
+
+    src = gqa_dir
+    out = tmp_path / "ds"
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and text {i}." for i in range(400)))
+    rep = compress(CompressOptions(model=str(src), out=str(out), recipe="double-sparsity", calib=str(text),
+                                   nsamples=4, seqlen=32))
+    assert rep["format"] == "fp" and "ds_top_r_mass" in rep["layers"][0]
+    ours = json.loads((out / "double_sparsity.json").read_text())
+    sg = json.loads((out / "ds_channel_config.json").read_text())
+    assert ours["settings"]["heavy_tokens"] == 256 and ours["calibration_tokens"] == 4 * 32
+    assert set(sg) == {f"model.layers.{i}.self_attn.{t}_proj" for i in range(2) for t in ("q", "k", "qk")}
+    qk = torch.tensor(sg["model.layers.1.self_attn.qk_proj"])
+    assert qk.shape == (4, 16) and torch.equal(qk.sort(-1).values, torch.arange(16).expand(4, 16))
+    assert torch.equal(torch.tensor(ours["labels"]["qk"]["1"]), qk)
+    assert torch.tensor(sg["model.layers.0.self_attn.k_proj"]).shape == (2, 16)
+    # importance is sorted along the labels
+    imp = torch.tensor(ours["importance"]["1"])
+    assert (imp.gather(-1, qk)[:, :-1] >= imp.gather(-1, qk)[:, 1:]).all()
+    # weights unchanged
+    a, b = safe_open(str(src / "model.safetensors"), "pt"), safe_open(str(out / "layer-00001.safetensors"), "pt")
+    for name in b.keys():
+        assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+    # labels load back into a model
+    model, _ = full_model(out)
+    cfg = install_from(model, out, heavy_tokens=8, sparse_threshold=0, dense_layers=0)
+    assert cfg.label_bits == 4 and model.config._attn_implementation == "ptq_double_sparsity"
+    ids = _ids(1, 40)
+    with torch.no_grad():
+        s = model(input_ids=ids).logits
+        uninstall(model)
+        assert (s - model(input_ids=ids).logits).abs().max() > 1e-4
+
+
+def test_pass_resume_state_roundtrip(gqa_dir):
+    """The per-layer means survive a resume (ptq/resume.py hooks) and give the same label files."""
+    from types import SimpleNamespace
+
+    from ptq.model_io import load_config
+    from ptq.passes.double_sparsity import DoubleSparsityPass
+
+    sm = SimpleNamespace(config=load_config(gqa_dir))
+    a, b = DoubleSparsityPass(), DoubleSparsityPass()
+    a.setup(sm)
+    b.setup(sm)
+    for i in range(2):
+        st = ChannelStats(4, 2, 16)
+        st.update(rnd(1, 6, 64, seed=i), rnd(1, 6, 32, seed=10 + i))
+        a.means[i], a.labels[i] = st.means(), st.labels()
+    a.tokens = 12
+    state = a.resume_state()
+    assert all(isinstance(v, torch.Tensor) for k, v in state.items() if k != "tokens")
+    b.load_resume_state(state)
+    assert a.finalize(sm) == b.finalize(sm)
