@@ -18,7 +18,7 @@ def inspect(
 ):
     """Show how FOLDER was produced and (with --verify) check that its files are intact."""
     from cli.main import fail
-    from ptq.manifest import read_manifest
+    from ptq.manifest import extras, read_manifest
     from ptq.manifest import verify as verify_files
 
     try:
@@ -36,6 +36,8 @@ def inspect(
         err = Console(stderr=True)
         for p in problems:
             err.print(f"[red]mismatch:[/red] {p}", highlight=False, soft_wrap=True)
+        for p in extras(folder, m):
+            err.print(f"note: {p} is not in the manifest (added after compress?)", highlight=False, soft_wrap=True)
         err.print(f"verify: {len(m.get('files', {}))} files, {len(problems)} problem(s)", highlight=False)
         if problems:
             raise typer.Exit(1)

@@ -234,10 +234,11 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     ckpt = Checkpointer(tmp, fp)
     resume_state = None
     if tmp.exists():
-        if opts.resume and ckpt.has_state() and not opts.force and not_resumable(passes):
-            raise UsageError(f"pass(es) {', '.join(not_resumable(passes))} keep state across layers and cannot "
-                             f"resume; pass --force to start over (the unfinished run in {tmp} is kept)")
-        if opts.resume and ckpt.has_state():
+        stuck = not_resumable(passes)
+        if opts.resume and ckpt.has_state() and stuck and not opts.force:
+            raise UsageError(f"pass(es) {', '.join(stuck)} keep state across layers and cannot resume; "
+                             f"pass --force to start over (the unfinished run in {tmp} is kept)")
+        if opts.resume and ckpt.has_state() and not stuck:
             try:
                 resume_state = ckpt.load()
             except ValueError as e:

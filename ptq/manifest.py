@@ -94,7 +94,7 @@ def read_manifest(folder: Path) -> dict:
 
 
 def verify(folder: Path, manifest: dict) -> list[str]:
-    """Problems found when re-hashing the files listed in ``manifest`` (empty = intact)."""
+    """Problems found when re-hashing the files listed in ``manifest``: missing or changed (empty = intact)."""
     problems = []
     actual = file_table(folder)
     for rel, want in manifest.get("files", {}).items():
@@ -103,6 +103,9 @@ def verify(folder: Path, manifest: dict) -> list[str]:
             problems.append(f"{rel}: missing")
         elif got["sha256"] != want["sha256"]:
             problems.append(f"{rel}: sha256 differs ({got['bytes']} bytes, expected {want['bytes']})")
-    for rel in sorted(set(actual) - set(manifest.get("files", {}))):
-        problems.append(f"{rel}: not in the manifest")
     return problems
+
+
+def extras(folder: Path, manifest: dict) -> list[str]:
+    """Files present but not listed (e.g. an ``onnx/`` folder added after compress); reported, not errors."""
+    return sorted(set(file_table(folder)) - set(manifest.get("files", {})))

@@ -94,9 +94,14 @@ def test_inspect_prints_and_verifies(runs, tmp_path):
         x = f.read(1)
         f.seek(-3, 2)
         f.write(bytes([x[0] ^ 1]))
+    (bad / "notes.txt").write_text("added later")
     res = CliRunner().invoke(app, ["inspect", str(bad), "--verify"])
     assert res.exit_code == 1
     assert "layer-00001.safetensors: sha256 differs" in res.output and "1 problem(s)" in res.output
+    assert "note: notes.txt is not in the manifest" in res.output
+    (bad / "config.json").unlink()
+    res = CliRunner().invoke(app, ["inspect", str(bad), "--verify"])
+    assert res.exit_code == 1 and "config.json: missing" in res.output and "2 problem(s)" in res.output
 
     res = CliRunner().invoke(app, ["inspect", str(tmp_path)])
     assert res.exit_code == 2 and "no manifest.json in" in res.output

@@ -140,3 +140,25 @@ def test_resume_without_partial_starts_fresh(setup, tmp_path):
     report = compress(opts(model, tmp_path / "q", calib, resume=True))
     assert report["resumed_from_layer"] is None
     assert hashes(tmp_path / "q") == hashes(ref)
+
+
+def test_pass_with_cross_layer_state_refuses_resume(setup, tmp_path, monkeypatch):
+    """A pass that overrides finalize() (state across layers) without resume_state() cannot resume: exit 2,
+    partial kept; --resume --force starts over."""
+    from ptq.passes.rtn import RTNPass
+    from ptq.resume import not_resumable
+
+    model, calib, _ = setup
+    monkeypatch.setattr(RTNPass, "finalize", lambda self, sm: {}, raising=False)
+    assert not_resumable([RTNPass()]) == ["rtn"]
+    out = tmp_path / "q"
+    args = ["compress", str(model), "--out", str(out), "--recipe", "rtn", "--format", "fp"]
+    with pytest.raises(KeyboardInterrupt):
+        compress(CompressOptions(model=str(model), out=str(out), recipe="rtn", format="fp"),
+                 progress=lambda i, n, p: (_ for _ in ()).throw(KeyboardInterrupt) if i == 1 else None)
+    res = CliRunner().invoke(app, args + ["--resume"])
+    assert res.exit_code == 2 and "rtn keep state across layers and cannot resume" in res.output
+    assert (partial_dir(out) / STATE_FILE).is_file()
+    res = CliRunner().invoke(app, args + ["--resume", "--force"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["resumed_from_layer"] is None
