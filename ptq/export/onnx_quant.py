@@ -124,6 +124,7 @@ class GraphEditor:
         self.names = {i.name for i in self.g.initializer}
         self._perm_cache: dict[tuple[str, bytes], str] = {}
         self._pending: dict[str, list] = {}
+        self.shared: dict[int, tuple[str, str, str]] = {}  # id(QuantizedWeight) -> (data, scales, zp)
 
     def add_init(self, base: str, arr: np.ndarray | TensorProto) -> str:
         name, i = base, 0
@@ -173,6 +174,18 @@ class GraphEditor:
             self.proto.opset_import.append(helper.make_opsetid(MS, 1))
 
 
+def _shared_2d(ed: GraphEditor, tag: str, qw: QuantizedWeight, bl: Blocked) -> tuple[str, str, str]:
+    """Tied embedding + lm_head: one ``data uint8 [V, H·bits/8]``, ``scales [V, nb]``, ``zp`` set read by both
+    GatherBlockQuantized and (through a constant-folded Reshape to ``[V, nb, blob]``) MatMulNBits."""
+    key = id(qw)
+    if key not in ed.shared:
+        data = pack(bl.codes, bl.bits).numpy()  # == B.reshape(V, -1) when H % block == 0 (no padding)
+        zp = pack(bl.zero, bl.bits, pad_value=2 ** (bl.bits - 1)).numpy()  # explicit: GBQ's default zp is 0
+        ed.shared[key] = (ed.add_init(f"{tag}.qweight", data), ed.add_init(f"{tag}.scales", bl.scale.numpy()),
+                          ed.add_init(f"{tag}.qzeros", zp))
+    return ed.shared[key]
+
+
 def _bias_of(site: WeightSite) -> str:
     n = site.node
     if site.kind == "gemm" and len(n.input) > 2 and n.input[2]:
@@ -182,14 +195,20 @@ def _bias_of(site: WeightSite) -> str:
     return ""
 
 
-def _linear_nbits(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, acc: int) -> list:
+def _linear_nbits(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, acc: int, share: bool = False) -> list:
     bl = to_blocks(qw)
     n, k = qw.shape
-    arr = matmulnbits_arrays(bl)
     tag = site.module
     x, pre = ed.permuted(site.node.input[0], bl.perm, tag)
-    ins = [x, ed.add_init(f"{tag}.qweight", arr["B"]), ed.add_init(f"{tag}.scales", arr["scales"])]
-    ins.append(ed.add_init(f"{tag}.qzeros", arr["zero_points"]) if "zero_points" in arr else "")
+    if share and bl.perm is None and k % bl.block == 0:
+        data, sc, zp = _shared_2d(ed, tag, qw, bl)
+        shape = ed.add_init(f"{tag}.qweight_shape", np.array([n, bl.nb, bl.block * bl.bits // 8], np.int64))
+        pre = pre + [helper.make_node("Reshape", [data, shape], [f"{tag}.qweight_3d"], name=f"{tag}/Reshape")]
+        ins = [x, f"{tag}.qweight_3d", sc, zp]
+    else:
+        arr = matmulnbits_arrays(bl)
+        ins = [x, ed.add_init(f"{tag}.qweight", arr["B"]), ed.add_init(f"{tag}.scales", arr["scales"])]
+        ins.append(ed.add_init(f"{tag}.qzeros", arr["zero_points"]) if "zero_points" in arr else "")
     bias = _bias_of(site)
     if bias:
         ins += ["", bias]
@@ -262,7 +281,7 @@ def _linear_w8a8(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, weight_
                              name=f"{tag}/DynamicQuantizeMatMul")]
 
 
-def _embedding(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, mode: str) -> list:
+def _embedding(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, mode: str, share: bool = False) -> list:
     bl = to_blocks(qw)
     v, h = qw.shape
     if bl.perm is not None or h % bl.block:
@@ -275,10 +294,13 @@ def _embedding(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, mode: str
         return [helper.make_node("DequantizeLinear", [q, s, z], [dq], axis=1, block_size=bl.block,
                                  name=f"{tag}/DequantizeLinear"),
                 helper.make_node("Gather", [dq, idx], [out], axis=0, name=f"{tag}/Gather")]
-    data = pack(bl.codes, bl.bits).numpy()  # [V, H*bits/8], LSB-first along H
-    zp = pack(bl.zero, bl.bits, pad_value=2 ** (bl.bits - 1)).numpy()  # explicit: the op's default zp is 0
-    ins = [ed.add_init(f"{tag}.qweight", data), idx, ed.add_init(f"{tag}.scales", bl.scale.numpy()),
-           ed.add_init(f"{tag}.qzeros", zp)]
+    if share:
+        data, sc, zp = _shared_2d(ed, tag, qw, bl)
+    else:
+        data = ed.add_init(f"{tag}.qweight", pack(bl.codes, bl.bits).numpy())  # [V, H*bits/8] LSB-first along H
+        sc = ed.add_init(f"{tag}.scales", bl.scale.numpy())
+        zp = ed.add_init(f"{tag}.qzeros", pack(bl.zero, bl.bits, pad_value=2 ** (bl.bits - 1)).numpy())
+    ins = [data, idx, sc, zp]  # zero points always explicit: the op's default is 0
     return [helper.make_node("GatherBlockQuantized", ins, [out], domain=MS, name=f"{tag}/GatherBlockQuantized",
                              gather_axis=0, quantize_axis=1, block_size=bl.block, bits=bl.bits)]
 
@@ -296,15 +318,18 @@ def quantize_graph(proto: onnx.ModelProto, sites: list[WeightSite], qweights: di
     tied = tied or {}
     ed = GraphEditor(proto)
     report: dict = {"replaced": {}, "fallback_fp": {}}
+    shared = {tied[s.module] for s in sites if s.kind == "gather" and s.module in tied and s.module not in qweights
+              and tied[s.module] in qweights} if mode != "qdq" else set()
     for site in sites:
         qw = qweights.get(site.module)
         if qw is None and site.kind == "gather" and site.module in tied:
             qw = qweights.get(tied[site.module])
         if qw is None:
             continue
+        share = site.module in shared or tied.get(site.module) in shared
         try:
             if site.kind == "gather":
-                new = _embedding(ed, site, qw, mode)
+                new = _embedding(ed, site, qw, mode, share)
             elif mode == "qdq":
                 new = _linear_qdq(ed, site, qw)
             elif mode == "w8a8":
@@ -314,7 +339,7 @@ def quantize_graph(proto: onnx.ModelProto, sites: list[WeightSite], qweights: di
                     report.setdefault("w8a8_skipped", {})[site.module] = str(e)
                     new = _linear_nbits(ed, site, qw, accuracy_level)
             else:
-                new = _linear_nbits(ed, site, qw, accuracy_level)
+                new = _linear_nbits(ed, site, qw, accuracy_level, share)
         except NotExpressible as e:
             report["fallback_fp"][site.module] = str(e)
             continue
