@@ -95,6 +95,64 @@ class State:
     batches_file: str = ""
 
 
+_WRITER_SKIP = {"out", "sm", "spec", "meta", "dtype", "weight_map", "qweights_written"}
+_UNSET = object()
+
+
+def _encode(v):
+    """JSON form of plain Python state (sets/tuples tagged); `_UNSET` if it holds anything else."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = [_encode(x) for x in (sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v)]
+        if any(x is _UNSET for x in items):
+            return _UNSET
+        return items if isinstance(v, list) else {"__" + type(v).__name__.replace("frozen", "") + "__": items}
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        d = {k: _encode(x) for k, x in v.items()}
+        return _UNSET if any(x is _UNSET for x in d.values()) else d
+    return _UNSET
+
+
+def _decode(v):
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    if isinstance(v, dict):
+        if len(v) == 1 and next(iter(v)) in ("__set__", "__tuple__"):
+            (k, items), = v.items()
+            return (set if k == "__set__" else tuple)(_decode(x) for x in items)
+        return {k: _decode(x) for k, x in v.items()}
+    return v
+
+
+def writer_state(writer) -> dict:
+    """Bookkeeping a writer accumulates over layers (e.g. the quantization_config summary, ignore lists):
+    ``writer.resume_state()`` if defined, else every plain-Python attribute beyond the constructor's;
+    attributes that cannot be saved are listed under ``__unsaved__`` (resume is then refused)."""
+    if hasattr(writer, "resume_state"):
+        return {"custom": writer.resume_state()}
+    out, bad = {}, []
+    for k, v in vars(writer).items():
+        if k in _WRITER_SKIP:
+            continue
+        e = _encode(v)
+        (bad.append(k) if e is _UNSET else out.__setitem__(k, e))
+    return {"attrs": out, "__unsaved__": bad}
+
+
+def load_writer_state(writer, st: dict | None) -> None:
+    if not st:
+        return
+    if "custom" in st:
+        writer.load_resume_state(st["custom"])
+        return
+    if st.get("__unsaved__"):
+        raise ValueError(f"the {type(writer).__name__} state ({', '.join(st['__unsaved__'])}) could not be saved, "
+                         "so this run cannot resume; pass --force to start over")
+    for k, v in st["attrs"].items():
+        setattr(writer, k, _decode(v))
+
+
 def _split(state: dict, prefix: str, tensors: dict) -> dict:
     """Move tensor values of ``state`` into ``tensors`` (keys ``prefix + name``); return the JSON rest."""
     rest = {}
@@ -122,7 +180,7 @@ class Checkpointer:
         for k, p in enumerate(passes):
             st = p.resume_state() if hasattr(p, "resume_state") else {}
             pstates.append(_split(st, f"pass.{k}.", tensors))
-        wstate = writer.resume_state() if hasattr(writer, "resume_state") else None
+        wstate = writer_state(writer)
         name = f"{BATCH_PREFIX}{layer:05d}.safetensors"
         tmp = self.folder / (name + ".ptq-tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
@@ -146,6 +204,9 @@ class Checkpointer:
             tensors = load_file(str(self.folder / st.batches_file))
         except Exception as e:
             raise ValueError(f"cannot read the resume state in {self.folder} ({e}); pass --force to start over") from e
+        if st.writer and st.writer.get("__unsaved__"):
+            raise ValueError(f"the writer state ({', '.join(st.writer['__unsaved__'])}) of the unfinished run in "
+                             f"{self.folder} could not be saved, so it cannot resume; pass --force to start over")
         if st.fingerprint != self.fp:
             raise ValueError(f"{self.folder} holds an unfinished run with different inputs (model, recipe, "
                              "options or calibration data); rerun with the same inputs, or pass --force to start over")
@@ -156,8 +217,7 @@ class Checkpointer:
         hidden states (kwargs kept from the fresh capture)."""
         writer.weight_map.update(st.weight_map)
         writer.qweights_written[:] = st.qweights_written
-        if st.writer is not None and hasattr(writer, "load_resume_state"):
-            writer.load_resume_state(st.writer)
+        load_writer_state(writer, st.writer)
         for k, (p, js) in enumerate(zip(passes, st.passes)):
             if hasattr(p, "load_resume_state"):
                 pre = f"pass.{k}."

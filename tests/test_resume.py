@@ -162,3 +162,33 @@ def test_pass_with_cross_layer_state_refuses_resume(setup, tmp_path, monkeypatch
     res = CliRunner().invoke(app, args + ["--resume", "--force"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "report.json").read_text())["resumed_from_layer"] is None
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_resume_keeps_writer_bookkeeping(setup, tmp_path, monkeypatch, fmt):
+    """Quantized formats summarize all layers in config.json (act-order, ignore lists): after a resume that
+    runs no layer at all, the config must still match an uninterrupted run byte for byte."""
+    import ptq.export
+
+    model, calib, _ = setup
+    po = {"gptq": {"act_order": False}} if fmt == "compressed-tensors" else {}  # CT cannot store act-order
+    ref = tmp_path / "ref"
+    compress(CompressOptions(
+        model=str(model), out=str(ref), recipe="gptq", format=fmt, calib=str(calib), nsamples=3, seqlen=48, pass_options=po))
+    wcls = ptq.export.writer_class(fmt)
+    orig = wcls.write_nonlayer
+
+    def boom(self):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "q"
+    monkeypatch.setattr(wcls, "write_nonlayer", boom)
+    with pytest.raises(KeyboardInterrupt):
+        compress(CompressOptions(model=str(model), out=str(out), recipe="gptq", format=fmt, calib=str(calib),
+                                 nsamples=3, seqlen=48, pass_options=po))
+    monkeypatch.setattr(wcls, "write_nonlayer", orig)
+    report = compress(CompressOptions(model=str(model), out=str(out), recipe="gptq", format=fmt,
+                                      calib=str(calib), nsamples=3, seqlen=48, resume=True, pass_options=po))
+    assert report["resumed_from_layer"] == 2
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
+    assert hashes(out) == hashes(ref)
