@@ -1,0 +1,167 @@
+"""GPTQ safetensors checkpoints (AutoGPTQ / GPTQModel / optimum + transformers / vLLM) and their reader.
+
+Per quantized Linear ``path`` with ``W [N=out, K=in]``, ``b`` bits, ``G = ceil(K / g)`` groups
+(layouts: docs/formats.md and shared onnx_export.md §7.1):
+
+  ``path.qweight``  int32 ``[ceil(K*b/32), N]``  codes packed along K (dim 0), LSB first, dense (3-bit codes
+                   straddle words exactly as AutoGPTQ's 3-bit packer): ``qweight = pack(codes [N, K]).T``
+  ``path.qzeros``   int32 ``[G, ceil(N*b/32)]``  zero points packed along N (dim 1); v1 stores ``zero - 1``
+  ``path.scales``   fp16  ``[G, N]``
+  ``path.g_idx``    int32 ``[K]``                group of each input column (``k // g`` or GPTQ act-order)
+  ``path.bias``     model dtype ``[N]``          optional
+
+Dequantization (GPTQ, Frantar et al. 2023): ``W[n, k] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n])``.
+
+Symmetric weights are written as ``checkpoint_format "gptq"`` (v1, AutoGPTQ: zeros stored minus 1, every
+loader adds 1 back); asymmetric as ``"gptq_v2"`` (zeros as-is) so that a zero point of 0 stays representable.
+Scales are stored in fp16 (what every GPTQ kernel expects): the exported model equals the in-memory one up to
+the fp16 rounding of the scales; codes, zero points and g_idx are exact.
+"""
+from __future__ import annotations
+
+import torch
+
+from ptq.export.base import CheckpointWriter
+from ptq.model_io import WeightSource
+from ptq.quant.primitives import pack, unpack
+from ptq.quant.qweight import QuantizedWeight
+
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def check_uniform(qw: QuantizedWeight, fmt: str) -> None:
+    if qw.lut is not None:
+        raise ValueError(f"{fmt} stores uniform integer grids only; this weight has a non-uniform LUT "
+                         "(NUPES): export it with --format fp or onnx")
+
+
+def pack_gptq(qw: QuantizedWeight, v1: bool) -> dict[str, torch.Tensor]:
+    """``QuantizedWeight`` -> ``{qweight, qzeros, scales, g_idx}`` (see module docstring for shapes)."""
+    check_uniform(qw, "GPTQ")
+    zeros = qw.zeros().round().to(torch.int64)  # [N, G]
+    if v1:
+        zeros = zeros - 1  # AutoGPTQ QuantLinear.pack: `zeros -= 1`
+        if (zeros < 0).any():
+            raise ValueError("GPTQ v1 cannot store a zero point of 0; write checkpoint_format gptq_v2")
+    return {
+        "qweight": pack(qw.codes, qw.bits, word_bits=32).t().contiguous(),
+        "qzeros": pack(zeros.t(), qw.bits, word_bits=32).contiguous(),
+        "scales": qw.scale.t().to(torch.float16).contiguous(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool, v1: bool) -> QuantizedWeight:
+    """Inverse of :func:`pack_gptq`; ``t`` holds qweight/qzeros/scales/g_idx. ``group_size`` -1 = per channel."""
+    g_idx = t["g_idx"].to(torch.int32)
+    k = g_idx.numel()
+    scales = t["scales"]  # [G, N]
+    n = scales.shape[1]
+    codes = unpack(t["qweight"].t().contiguous(), bits, k)  # [N, K]
+    zeros = unpack(t["qzeros"].contiguous(), bits, n).to(torch.float32)  # [G, N]
+    if v1:
+        zeros = zeros + 1  # AutoGPTQ / vLLM / ORT-GenAI: `zeros + 1`
+    zeros = zeros.t().contiguous()
+    implicit = 2 ** (bits - 1)
+    zero = None if sym and bool((zeros == implicit).all()) else zeros
+    gs = k if group_size == -1 else group_size
+    return QuantizedWeight(codes, scales.t().float().contiguous(), zero, bits, gs, g_idx)
+
+
+class QuantConfigMixin:
+    """Collects bits / group size / sym / act-order / pass metadata over every written QuantizedWeight."""
+
+    def _note(self, qw: QuantizedWeight) -> None:
+        seen = getattr(self, "_seen", None)
+        if seen is None:
+            seen = self._seen = {"bits": set(), "sym": set(), "gs": set(), "act_order": False, "meta": {}}
+        n, k = qw.shape
+        spec = self.spec
+        if spec is not None and qw.group_size != spec.gsize(k):
+            raise ValueError(f"{self.format_name}: weight has group size {qw.group_size}, the recipe says "
+                             f"{spec.group_size}")
+        seen["bits"].add(qw.bits)
+        seen["sym"].add(qw.sym)
+        seen["gs"].add(spec.group_size if spec is not None else qw.group_size)
+        seen["act_order"] |= qw.act_order
+        for key, v in qw.meta.items():
+            if isinstance(v, (int, float, bool, str)):
+                seen["meta"].setdefault(key, v)
+        if len(seen["bits"]) > 1 or len(seen["sym"]) > 1 or len(seen["gs"]) > 1:
+            raise ValueError(f"{self.format_name}: mixed bits/group size/symmetry across layers "
+                             f"({seen['bits']}, {seen['gs']}, sym {seen['sym']}) cannot be described by one "
+                             "quantization_config; use --format fp or onnx")
+
+    def _summary(self) -> dict:
+        seen = getattr(self, "_seen", None)
+        if seen is None:  # nothing quantized: describe the spec
+            s = self.spec
+            return {"bits": s.bits, "sym": s.sym, "gs": s.group_size, "act_order": False, "meta": {}}
+        return {"bits": next(iter(seen["bits"])), "sym": next(iter(seen["sym"])), "gs": next(iter(seen["gs"])),
+                "act_order": seen["act_order"], "meta": seen["meta"]}
+
+
+class GPTQWriter(QuantConfigMixin, CheckpointWriter):
+    """Streaming GPTQ checkpoint writer (v1 ``gptq`` for symmetric, ``gptq_v2`` for asymmetric weights)."""
+
+    format_name = "gptq"
+
+    def _v1(self, qw: QuantizedWeight) -> bool:
+        return qw.sym
+
+    def linear_tensors(self, path, qw, bias):
+        self._note(qw)
+        out = {f"{path}.{k}": v for k, v in pack_gptq(qw, self._v1(qw)).items()}
+        if bias is not None:
+            out[f"{path}.bias"] = bias.to(self.dtype)
+        return out
+
+    def quantization_config(self) -> dict:
+        s = self._summary()
+        fmt = "gptq" if s["sym"] else "gptq_v2"
+        m = s["meta"]
+        return {
+            "quant_method": "gptq", "bits": s["bits"], "group_size": s["gs"], "desc_act": s["act_order"],
+            "sym": s["sym"], "checkpoint_format": fmt, "format": fmt,
+            "damp_percent": m.get("damp", 0.01), "true_sequential": m.get("true_sequential", True),
+            "static_groups": m.get("static_groups", False), "lm_head": False,
+            "meta": {"quantizer": ["ptq:0.1.0"], "recipe": self.meta.get("recipe")},
+        }
+
+
+class GPTQSource(WeightSource):
+    """Dense view of a GPTQ checkpoint: ``<path>.weight`` is dequantized on demand (fp32); `qweight(path)`
+    gives the exact stored `QuantizedWeight` (scales as stored in fp16, widened to fp32)."""
+
+    def __init__(self, source: WeightSource, quantization_config: dict):
+        qc = quantization_config
+        self.src, self.qc = source, qc
+        self.bits = int(qc["bits"])
+        self.group_size = int(qc.get("group_size", -1))
+        self.sym = bool(qc.get("sym", True))
+        fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"unsupported GPTQ checkpoint_format {fmt!r} (expected gptq or gptq_v2)")
+        self.v1 = fmt == "gptq"
+        keys = source.keys()
+        self.qpaths = {k[: -len(".qweight")] for k in keys if k.endswith(".qweight")}
+        hidden = {f"{p}.{part}" for p in self.qpaths for part in GPTQ_PARTS}
+        self._keys = [k for k in keys if k not in hidden] + [f"{p}.weight" for p in sorted(self.qpaths)]
+        self._keyset = set(self._keys)
+
+    def keys(self):
+        return list(self._keys)
+
+    def __contains__(self, name):
+        return name in self._keyset
+
+    def qweight(self, module_path: str) -> QuantizedWeight | None:
+        if module_path not in self.qpaths:
+            return None
+        t = {part: self.src.get(f"{module_path}.{part}") for part in GPTQ_PARTS}
+        return unpack_gptq(t, self.bits, self.group_size, self.sym, self.v1)
+
+    def get(self, name):
+        if name.endswith(".weight") and name[: -len(".weight")] in self.qpaths:
+            return self.qweight(name[: -len(".weight")]).dequantize()
+        return self.src.get(name)
