@@ -221,6 +221,16 @@ def compress(opts: CompressOptions, progress=None) -> dict:
             calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed)
         except CalibrationError as e:
             raise UsageError(str(e)) from e
+    if opts.eval_text:  # checked now, not after an hour of compression
+        from calib.data import read_text, tokenize
+        from ptq.eval.metrics import eval_windows
+
+        if not Path(opts.eval_text).exists():
+            raise UsageError(f"--eval-text file {opts.eval_text} does not exist")
+        try:
+            eval_windows(tokenize(read_text(opts.eval_text), tokenizer_for(sm.folder)), opts.eval_seqlen, 1)
+        except ValueError as e:  # CalibrationError is a ValueError
+            raise UsageError(f"--eval-text: {e}") from e
     try:
         writer_cls = writer_class(recipe.defaults.format)
     except ValueError as e:

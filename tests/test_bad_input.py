@@ -193,3 +193,9 @@ def test_good_input_still_works(work):
     res = CliRunner().invoke(app, ["compress", *gptq_args(work, work / "calib.txt")])
     assert res.exit_code == 0, res.output
     assert (work / "out" / "manifest.json").is_file() and not (work / "out.ptq-partial").exists()
+
+
+def test_eval_text_checked_before_work(work):
+    (work / "short.txt").write_text("ab")
+    run_bad(work, args(work, "--eval-text", str(work / "short.txt")), "--eval-text: evaluation text too short")
+    run_bad(work, args(work, "--eval-text", str(work / "nope.txt")), f"--eval-text file {work / 'nope.txt'} does not exist")
