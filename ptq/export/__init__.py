@@ -12,11 +12,13 @@ FORMATS: dict[str, str] = {
     "fp": "ptq.export.base:DenseWriter",
     "gptq": "ptq.export.gptq_format:GPTQWriter",
     "compressed-tensors": "ptq.export.compressed_tensors:CTWriter",
+    "nupes": "ptq.export.nupes_format:NUPESWriter",
 }
 
 READERS: dict[str, str] = {
     "gptq": "ptq.export.gptq_format:GPTQSource",
     "compressed-tensors": "ptq.export.compressed_tensors:CTSource",
+    "nupes": "ptq.export.nupes_format:NUPESSource",
 }
 
 

@@ -11,6 +11,7 @@ PASSES: dict[str, str] = {
     "os+": "ptq.passes.osplus:OSPlusPass",
     "act-quant": "ptq.passes.act_quant:ActQuantPass",
     "nupes": "ptq.passes.nupes:NUPESPass",
+    "nupes-df": "ptq.passes.nupes:NUPESDataFreePass",
     "udfc": "ptq.passes.udfc:UDFCPass",
     "cskv": "ptq.passes.cskv:CSKVPass",
     "double-sparsity": "ptq.passes.double_sparsity:DoubleSparsityPass",

@@ -7,6 +7,7 @@ Fields (W is torch Linear layout ``[N, K]``):
   g_idx  int32 ``[K]``        group of each input column (``k // group_size``, or an act-order permutation)
   lut    fp32  ``[N, 2^bits]`` optional non-uniform levels (NUPES); then ``w_hat[n, k] = lut[n, codes[n, k]]``
   exponent                    optional power exponent(s) that produced the LUT (metadata)
+  meta["lut_scaled"]          NUPES separable layout: ``w_hat[n, k] = scale[n, g_idx[k]] * lut[n, codes[n, k]]``
 Dequantization (uniform): ``w_hat = scale[:, g_idx] * (codes - zero[:, g_idx])``.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ptq.quant.primitives import QuantSpec, compute_qparams, default_g_idx, dequantize, quantize
+from ptq.quant.primitives import QuantSpec, compute_qparams, default_g_idx, dequantize, expand_groups, quantize
 
 
 @dataclass
@@ -50,7 +51,10 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """fp32 ``[N, K]``."""
         if self.lut is not None:
-            return torch.gather(self.lut.float(), 1, self.codes.long())
+            w = torch.gather(self.lut.float(), 1, self.codes.long())
+            if self.meta.get("lut_scaled"):  # NUPES separable layout: w = scale[n, g_idx[k]] * lut[n, code]
+                w = expand_groups(self.scale.float(), self.g_idx) * w
+            return w
         return dequantize(self.codes, self.scale, self.zeros(), self.g_idx)
 
     def nbytes_packed(self) -> int:
