@@ -1,0 +1,243 @@
+"""Bi-branch KV cache of CSKV (Wang et al. 2024, arXiv 2409.10593), transformers `Cache` compatible.
+
+Per decoder layer the cache holds, for ``T`` tokens seen so far and a window ``W`` (default 32):
+
+* **compressed branch** (tokens ``[0, floor(T/W)*W)``, complete windows): the low-rank features
+  ``c_k = A_k x  [b, n, r_k]`` and ``c_v = A_v x  [b, n, r_v]`` stored *pre-RoPE*. With ``bits < 16`` they are
+  quantized when a window fills (asymmetric min/max, ``s = (max-min).clamp(1e-5) / (2^b-1)``,
+  ``z = clamp(-round(min/s), 0, 2^b-1)``, ``q = clamp(round(c/s)+z, 0, 2^b-1)``, ``c_hat = (q - z) s``):
+  K per channel over the W tokens of the window (KIVI), V per token in groups of ``r_v / n_kv`` channels.
+  Codes are bit-packed (uint8), scales fp16, zeros uint8.
+* **full-precision branch** (tokens ``[floor(T/W)*W, T)``, the current, incomplete window, 0..W-1 tokens):
+  the exact pre-RoPE ``K, V [b, n_kv, R, d]`` plus their (not yet quantized) features.
+
+Attention semantics (the reference `LlamaAttentionForCSKV` decode path): a query at index ``t`` sees the exact
+K/V of keys in its own window (``j // W == t // W``, ``j <= t``) and ``K_hat = RoPE(B_k c_k_hat)``,
+``V_hat = B_v c_v_hat`` for every key of an earlier window. The attention module (`ptq.kv.cskv`) builds that
+mask from the `CSKVView` returned by `CSKVLayer.append`; running a whole sequence through a fresh layer is
+therefore exactly equal to decoding it token by token.
+
+Memory: `CSKVLayer.nbytes` counts every stored tensor (codes, scales, zeros, fp features, window K/V);
+positions (int64, one per token) are bookkeeping shared with any cache and are not counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ptq.quant.primitives import pack, unpack
+
+
+def quantize_groups(x: torch.Tensor, bits: int, dim: int):
+    """Asymmetric min/max codes of ``x`` reduced over ``dim`` (the reference `KVQuantizer` formula).
+
+    Returns ``codes`` (uint8, shape of x), ``scale`` (fp16, x with ``dim`` of size 1), ``zero`` (uint8, same)."""
+    qmax = 2**bits - 1
+    xf = x.float()
+    lo, hi = xf.amin(dim, keepdim=True), xf.amax(dim, keepdim=True)
+    scale = ((hi - lo).clamp(min=1e-5) / qmax).half()
+    s = scale.float()
+    zero = torch.clamp(-torch.round(lo / s), 0, qmax)
+    codes = torch.clamp(torch.round(xf / s) + zero, 0, qmax)
+    return codes.to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+def dequantize_groups(codes, scale, zero) -> torch.Tensor:
+    return (codes.float() - zero.float()) * scale.float()
+
+
+@dataclass
+class CSKVView:
+    """What attention needs after an `append` of ``q`` new tokens (``P`` already cached, ``T = P + q``).
+
+    ``rec_ck [b, Nr, r_k]``, ``rec_cv [b, Nr, r_v]``: dequantized features of keys ``[0, Nr)``, ``Nr = floor(T/W)*W``;
+    ``ex_k, ex_v [b, n_kv, T-E, d]``: exact pre-RoPE K/V of keys ``[E, T)``, ``E = floor(P/W)*W``;
+    ``pos [b, T]``: position ids of all keys."""
+
+    rec_ck: torch.Tensor
+    rec_cv: torch.Tensor
+    ex_k: torch.Tensor
+    ex_v: torch.Tensor
+    pos: torch.Tensor
+    past: int
+    ex_start: int
+    total: int
+    window: int
+
+    def branch_masks(self, exact_prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks ``[q, Nr]`` (compressed branch) and ``[q, T-E]`` (exact branch), True = attend."""
+        dev = self.ex_k.device
+        t = torch.arange(self.past, self.total, device=dev)[:, None]
+        jr = torch.arange(self.rec_ck.shape[1], device=dev)[None, :]
+        je = torch.arange(self.ex_start, self.total, device=dev)[None, :]
+        w = self.window
+        if exact_prefill and self.past == 0:
+            return torch.zeros(t.shape[0], jr.shape[1], dtype=torch.bool, device=dev), je <= t
+        return jr // w < t // w, (je // w == t // w) & (je <= t)
+
+
+class CSKVLayer(CacheLayerMixin):
+    """One layer of the bi-branch cache. Use `append`, not `update` (CSKV stores features, not K/V)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, window: int = 32, k_bits: int = 16, v_bits: int = 16, v_group: int | None = None,
+                 store_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        for b in (k_bits, v_bits):
+            if b != 16 and not 2 <= b <= 8:
+                raise ValueError(f"KV bits must be 16 (no quantization) or 2..8, got {b}")
+        self.window, self.k_bits, self.v_bits, self.v_group = window, k_bits, v_bits, v_group
+        self.store_dtype = store_dtype
+        self.n_tok = 0
+        self.t: dict[str, torch.Tensor | None] = {}  # every stored tensor, by name
+
+    # -- storage helpers -----------------------------------------------------------------------------
+    def _cat(self, name: str, x: torch.Tensor, dim: int = 1) -> None:
+        old = self.t.get(name)
+        self.t[name] = x if old is None else torch.cat([old, x], dim)
+
+    def _store_k(self, ck: torch.Tensor) -> None:
+        """``ck [b, nW*W, r_k]`` (complete windows)."""
+        if self.k_bits == 16:
+            return self._cat("k_feat", ck.to(self.store_dtype))
+        b, n, r = ck.shape
+        chunks = ck.reshape(b, n // self.window, self.window, r)
+        codes, scale, zero = quantize_groups(chunks, self.k_bits, dim=2)  # per channel over the window
+        self._cat("k_codes", pack(codes.reshape(b, n, r), self.k_bits))
+        self._cat("k_scale", scale.squeeze(2))
+        self._cat("k_zero", zero.squeeze(2))
+
+    def _store_v(self, cv: torch.Tensor) -> None:
+        if self.v_bits == 16:
+            return self._cat("v_feat", cv.to(self.store_dtype))
+        b, n, r = cv.shape
+        g = self.v_group or r
+        codes, scale, zero = quantize_groups(cv.reshape(b, n, r // g, g), self.v_bits, dim=3)  # per token/group
+        self._cat("v_codes", pack(codes.reshape(b, n, r), self.v_bits))
+        self._cat("v_scale", scale.squeeze(3))
+        self._cat("v_zero", zero.squeeze(3))
+
+    def _load_k(self, r: int, dtype) -> torch.Tensor | None:
+        if self.k_bits == 16:
+            f = self.t.get("k_feat")
+            return None if f is None else f.to(dtype)
+        if self.t.get("k_codes") is None:
+            return None
+        codes = unpack(self.t["k_codes"], self.k_bits, r)
+        b, n, _ = codes.shape
+        c = codes.reshape(b, n // self.window, self.window, r)
+        return dequantize_groups(c, self.t["k_scale"][:, :, None], self.t["k_zero"][:, :, None]).reshape(b, n, r).to(dtype)
+
+    def _load_v(self, r: int, dtype) -> torch.Tensor | None:
+        if self.v_bits == 16:
+            f = self.t.get("v_feat")
+            return None if f is None else f.to(dtype)
+        if self.t.get("v_codes") is None:
+            return None
+        codes = unpack(self.t["v_codes"], self.v_bits, r)
+        b, n, _ = codes.shape
+        g = self.v_group or r
+        c = codes.reshape(b, n, r // g, g)
+        return dequantize_groups(c, self.t["v_scale"][..., None], self.t["v_zero"][..., None]).reshape(b, n, r).to(dtype)
+
+    # -- the CSKV update -----------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
+               pos: torch.Tensor) -> CSKVView:
+        """Add ``q`` tokens: exact pre-RoPE ``k, v [b, n_kv, q, d]``, features ``ck [b, q, r_k]``,
+        ``cv [b, q, r_v]``, positions ``pos [b, q]``. Complete windows move to the compressed branch."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        dtype, sd, w = k.dtype, self.store_dtype, self.window
+        P, q = self.n_tok, k.shape[2]
+        T = P + q
+        E = (P // w) * w
+        res = {n: self.t.get(n) for n in ("res_k", "res_v", "res_ck", "res_cv")}
+        ex_k = k.to(sd) if res["res_k"] is None else torch.cat([res["res_k"], k.to(sd)], 2)
+        ex_v = v.to(sd) if res["res_v"] is None else torch.cat([res["res_v"], v.to(sd)], 2)
+        fk = ck.to(sd) if res["res_ck"] is None else torch.cat([res["res_ck"], ck.to(sd)], 1)
+        fv = cv.to(sd) if res["res_cv"] is None else torch.cat([res["res_cv"], cv.to(sd)], 1)
+        n_full = (T // w) * w - E  # tokens of newly completed windows
+        if n_full > 0:
+            self._store_k(fk[:, :n_full])
+            self._store_v(fv[:, :n_full])
+        self.t["res_k"], self.t["res_v"] = ex_k[:, :, n_full:], ex_v[:, :, n_full:]
+        self.t["res_ck"], self.t["res_cv"] = fk[:, n_full:], fv[:, n_full:]
+        self.pos = pos if self.pos is None else torch.cat([self.pos, pos], 1)
+        self.n_tok = T
+        rk, rv = ck.shape[-1], cv.shape[-1]
+        b = k.shape[0]
+        rec_ck = self._load_k(rk, dtype)
+        rec_cv = self._load_v(rv, dtype)
+        if rec_ck is None:
+            rec_ck, rec_cv = k.new_zeros(b, 0, rk), k.new_zeros(b, 0, rv)
+        return CSKVView(rec_ck, rec_cv, ex_k.to(dtype), ex_v.to(dtype), self.pos, P, E, T, w)
+
+    # -- CacheLayerMixin API -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.pos = None
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise TypeError("a CSKV cache layer stores low-rank features: it is filled by ptq.kv.cskv.CSKVAttention "
+                        "(load the model with ptq.kv.cskv.load_cskv_model), not by a plain attention module")
+
+    def get_seq_length(self) -> int:
+        return self.n_tok
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n_tok + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.t, self.n_tok, self.pos = {}, 0, None
+        self.is_initialized = False
+
+    def _map(self, fn) -> None:
+        self.t = {k: (fn(v) if v is not None else None) for k, v in self.t.items()}
+        if getattr(self, "pos", None) is not None:
+            self.pos = fn(self.pos)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda x: x[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("CSKV cache cannot be cropped (quantized windows are not reversible)")
+
+    def nbytes(self) -> int:
+        """Bytes of everything this layer stores (positions excluded)."""
+        return sum(v.numel() * v.element_size() for v in self.t.values() if v is not None)
+
+
+class CSKVCache(Cache):
+    """`Cache` of `CSKVLayer` (one per decoder layer); pass it as ``past_key_values`` to ``model.generate`` or
+    ``model(...)`` of a model converted with `ptq.kv.cskv` (`load_cskv_model` also makes it generate's default)."""
+
+    def __init__(self, num_layers: int, window: int = 32, k_bits: int = 16, v_bits: int = 16,
+                 v_group: int | None = None, store_dtype: torch.dtype = torch.float16,
+                 exact_prefill: bool = False):
+        super().__init__(layers=[CSKVLayer(window, k_bits, v_bits, v_group, store_dtype) for _ in range(num_layers)])
+        self.exact_prefill = exact_prefill
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def dense_kv_bytes(n_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, bytes_per: int = 2) -> int:
+    """Bytes of a plain fp16 K/V cache: ``T * layers * 2 (K,V) * n_kv * d * 2``."""
+    return n_tokens * num_layers * 2 * num_kv_heads * head_dim * bytes_per
