@@ -62,7 +62,6 @@ class SafetensorsSource(WeightSource):
         if not files:
             raise ModelInputError(f"no *.safetensors files in {self.folder}")
         self._where: dict[str, Path] = {}
-        self._handles = {}
         for f in files:
             try:
                 h = safe_open(str(f), framework="pt")
@@ -70,7 +69,7 @@ class SafetensorsSource(WeightSource):
                     self._where[k] = f
             except Exception as e:  # truncated / corrupt header
                 raise ModelInputError(f"corrupt safetensors file {f.name}: {e}. Re-download or re-export it.") from e
-            self._handles[f] = h
+            del h  # see `get`: no handle (and so no mmap) outlives the tensors read through it
 
     def keys(self):
         return list(self._where)
@@ -79,8 +78,14 @@ class SafetensorsSource(WeightSource):
         return name in self._where
 
     def get(self, name):
+        # A fresh handle per read: safetensors tensors are views of the file's mmap, and a long-lived handle keeps
+        # every page ever touched resident (RssFile grew by the whole checkpoint, 13 GiB for a 7B fp16 model;
+        # bench/rss_7b.py). With a per-read handle the mapping dies with the last tensor that uses it.
+        from safetensors import safe_open
+
         try:
-            return self._handles[self._where[name]].get_tensor(name)
+            with safe_open(str(self._where[name]), framework="pt") as h:
+                return h.get_tensor(name)
         except KeyError:
             raise
         except Exception as e:
