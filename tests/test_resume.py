@@ -167,14 +167,17 @@ def test_pass_with_cross_layer_state_refuses_resume(setup, tmp_path, monkeypatch
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_resume_keeps_writer_bookkeeping(setup, tmp_path, monkeypatch, fmt):
     """Quantized formats summarize all layers in config.json (act-order, ignore lists): after a resume that
-    runs no layer at all, the config must still match an uninterrupted run byte for byte."""
+    runs no layer at all, the config must still match an uninterrupted run byte for byte. (With group size 16
+    the GPTQ run uses act-order groups, so without the saved writer state ``desc_act`` would come out False.)"""
     import ptq.export
 
     model, calib, _ = setup
     po = {"gptq": {"act_order": False}} if fmt == "compressed-tensors" else {}  # CT cannot store act-order
+    gs = dict(group_size=16)
     ref = tmp_path / "ref"
     compress(CompressOptions(
-        model=str(model), out=str(ref), recipe="gptq", format=fmt, calib=str(calib), nsamples=3, seqlen=48, pass_options=po))
+        model=str(model), out=str(ref), recipe="gptq", format=fmt, calib=str(calib), nsamples=3, seqlen=48,
+        pass_options=po, **gs))
     wcls = ptq.export.writer_class(fmt)
     orig = wcls.write_nonlayer
 
@@ -185,10 +188,34 @@ def test_resume_keeps_writer_bookkeeping(setup, tmp_path, monkeypatch, fmt):
     monkeypatch.setattr(wcls, "write_nonlayer", boom)
     with pytest.raises(KeyboardInterrupt):
         compress(CompressOptions(model=str(model), out=str(out), recipe="gptq", format=fmt, calib=str(calib),
-                                 nsamples=3, seqlen=48, pass_options=po))
+                                 nsamples=3, seqlen=48, pass_options=po, **gs))
     monkeypatch.setattr(wcls, "write_nonlayer", orig)
     report = compress(CompressOptions(model=str(model), out=str(out), recipe="gptq", format=fmt,
-                                      calib=str(calib), nsamples=3, seqlen=48, resume=True, pass_options=po))
+                                      calib=str(calib), nsamples=3, seqlen=48, resume=True, pass_options=po,
+                                      **gs))
     assert report["resumed_from_layer"] == 2
-    assert "quantization_config" in json.loads((out / "config.json").read_text())
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    if fmt == "gptq":
+        assert qc["desc_act"] is True and qc["group_size"] == 16
     assert hashes(out) == hashes(ref)
+
+
+def test_writer_state_roundtrip():
+    from ptq.resume import load_writer_state, writer_state
+
+    class W:
+        pass
+
+    w = W()
+    w.out, w.weight_map = "x", {}
+    w._seen = {"bits": {4}, "sym": {False}, "gs": {16}, "act_order": True, "meta": {"damp": 0.01}}
+    w.ignore = ["model.layers.0.mlp.gate_proj"]
+    st = json.loads(json.dumps(writer_state(w)))  # must survive JSON
+    assert st["__unsaved__"] == [] and "out" not in st["attrs"]
+    w2 = W()
+    load_writer_state(w2, st)
+    assert w2._seen == w._seen and w2.ignore == w.ignore and not hasattr(w2, "out")
+    w.handle = object()  # not JSON-able: recorded, and resume from it is refused
+    assert writer_state(w)["__unsaved__"] == ["handle"]
+    with pytest.raises(ValueError, match="cannot resume"):
+        load_writer_state(W(), writer_state(w))
