@@ -151,9 +151,14 @@ def test_gather_block_quantized():
 # ---------------------------------------------------------------------------------------------- model level
 
 
-def quantized_model(folder, spec: QuantSpec, embed: bool = False, act_order_layers=("mlp.down_proj",)):
-    """Tiny model with every Linear (incl. lm_head) RTN-quantized: (fake-quant model, qweights)."""
+def quantized_model(folder, spec: QuantSpec, embed: bool = False, act_order_layers=("mlp.down_proj",),
+                    tie: bool = False):
+    """Tiny model with every Linear (incl. lm_head) RTN-quantized: (fake-quant model, qweights). ``tie``: the
+    lm_head shares the embedding table (SmolLM2-style; the graph reads it through a Transpose)."""
     model, _ = full_model(folder)
+    if tie:
+        model.lm_head.weight = model.get_input_embeddings().weight
+        model.config.tie_word_embeddings = True
     qws = {}
     for n, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
@@ -162,7 +167,7 @@ def quantized_model(folder, spec: QuantSpec, embed: bool = False, act_order_laye
                 qw = act_order(qw, len(qws))
             mod.weight.data = qw.dequantize()
             qws[n] = qw
-        elif isinstance(mod, torch.nn.Embedding) and embed:
+        elif isinstance(mod, torch.nn.Embedding) and embed and not (tie and "embed_tokens" in n):
             qw = QuantizedWeight.from_float(mod.weight.data, spec)
             mod.weight.data = qw.dequantize()
             qws[n] = qw
@@ -171,12 +176,14 @@ def quantized_model(folder, spec: QuantSpec, embed: bool = False, act_order_laye
 
 @pytest.fixture(scope="module")
 def exported(tiny_models):
-    """kind -> (fake-quant int4 model, qweights, fp graph of that model); one torch.onnx export per kind."""
+    """kind -> (fake-quant int4 model, qweights, fp graph of that model); one torch.onnx export per kind.
+    The MHA llama is tied (its embedding is served by the lm_head's int4 codes)."""
     cache = {}
 
     def get(kind):
         if kind not in cache:
-            model, qws = quantized_model(tiny_models[kind], QuantSpec(bits=4, group_size=32), embed=True)
+            model, qws = quantized_model(tiny_models[kind], QuantSpec(bits=4, group_size=32), embed=True,
+                                         tie=kind == "llama")
             cache[kind] = (model, qws, export_graph(model))
         return cache[kind]
     return get
@@ -193,6 +200,7 @@ def test_int4_model_matches_pytorch(kind, exported, tmp_path):
     m = onnx.load(str(tmp_path / "model.onnx"))
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("MatMulNBits") == n_lin and ops.count("GatherBlockQuantized") == n_emb
+    assert ("model.embed_tokens" not in qws) == (kind == "llama") and "Transpose" not in ops[-3:]
     assert not rep["fallback_fp"] and not any(i.data_type == TensorProto.FLOAT and len(i.dims) == 2 and
                                               min(i.dims) >= 64 for i in m.graph.initializer)
     v = rep["validation"]

@@ -132,8 +132,9 @@ def _name_dims(proto: onnx.ModelProto, n_layers: int) -> None:
 
 @dataclass
 class WeightSite:
-    """One node that applies a module's weight: ``kind`` is matmul (init ``W^T [K, N]``), gemm (transB=1, init
-    ``W [N, K]``, optional bias C) or gather (embedding ``[V, H]``)."""
+    """One node that applies a module's weight: ``kind`` is matmul (init ``W^T [K, N]``, or ``W`` through a
+    ``Transpose`` node for a tied lm_head), gemm (transB=1, init ``W [N, K]``, optional bias C) or gather
+    (embedding ``[V, H]``)."""
 
     node: onnx.NodeProto
     module: str
@@ -166,12 +167,18 @@ def weight_sites(proto: onnx.ModelProto, model: nn.Module, check: bool = True) -
     With ``check`` the initializer must equal the module's weight exactly (fp32 bits), else ValueError.
     """
     inits = {i.name: i for i in proto.graph.initializer}
+    prod = {o: n for n in proto.graph.node for o in n.output}
     modules = dict(model.named_modules())
     sites = []
     for node in proto.graph.node:
         if node.op_type not in ("MatMul", "Gemm", "Gather") or len(node.input) < 2:
             continue
         w_in = node.input[0] if node.op_type == "Gather" else node.input[1]
+        transposed = False  # MatMul(x, Transpose(W)): a tied lm_head reading the embedding table
+        if node.op_type == "MatMul" and w_in not in inits and w_in in prod:
+            t = prod[w_in]
+            if t.op_type == "Transpose" and list(_attr(t, "perm", [])) == [1, 0] and t.input[0] in inits:
+                w_in, transposed = t.input[0], True
         if w_in not in inits:
             continue
         path = _scope_module(node)
@@ -186,7 +193,7 @@ def weight_sites(proto: onnx.ModelProto, model: nn.Module, check: bool = True) -
                     raise ValueError(f"unexpected Gemm form at {node.name} ({path})")
                 kind, expect = "gemm", lambda m: m.weight
             else:
-                kind, expect = "matmul", lambda m: m.weight.t()
+                kind, expect = "matmul", (lambda m: m.weight) if transposed else (lambda m: m.weight.t())
         else:
             continue
         if check:

@@ -142,12 +142,21 @@ class GraphEditor:
         self._pending[node.name] = new_nodes
 
     def commit(self) -> None:
+        """Apply the queued replacements, then drop nodes whose outputs nobody reads (e.g. the Transpose that fed
+        a tied lm_head's fp32 MatMul)."""
         nodes = []
         for n in self.g.node:
             nodes.extend(self._pending.get(n.name, [n]))
+        self._pending = {}
+        outputs = {o.name for o in self.g.output}
+        while True:
+            used = {i for n in nodes for i in n.input} | outputs
+            keep = [n for n in nodes if any(o in used for o in n.output)]
+            if len(keep) == len(nodes):
+                break
+            nodes = keep
         del self.g.node[:]
         self.g.node.extend(nodes)
-        self._pending = {}
 
     def permuted(self, x: str, perm: torch.Tensor | None, tag: str) -> tuple[str, list]:
         """``x[..., perm]`` via one Gather shared by all layers reading ``x`` with the same permutation."""

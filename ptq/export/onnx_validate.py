@@ -163,6 +163,7 @@ def validate(model_path: Path, ref_model: nn.Module, ids: torch.Tensor, n_new: i
         gen, steps = ort_greedy(sess, prompt.numpy(), n_new)
         same = next((i for i, (a, b) in enumerate(zip(gen, ref_gen)) if a != b), n_new)
         res[f"max_abs_logit_diff_{tag}"] = float(np.abs(lg - ref).max())
+        res[f"rel_logit_diff_{tag}"] = res[f"max_abs_logit_diff_{tag}"] / max(res["logit_abs_max"], 1e-12)
         res[f"top1_agreement_{tag}"] = float((lg.argmax(-1) == ref.argmax(-1)).mean())
         res[f"greedy_match_{tag}"] = gen == ref_gen
         res[f"greedy_prefix_match_{tag}"] = same
