@@ -130,6 +130,8 @@ def retrieval_table(model, cfgm, labels_cal, args):
                              DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4, sparse_prefill=prefill)))
             runs.append((f"k={kk} r=d/4 4-bit random (all)", labels_rand,
                          DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4)))
+        if args.only:
+            runs = [r for r in runs if any(o in r[0] for o in args.only.split(","))]
         for name, lab, dcfg in runs:
             t0 = time.time()
             uninstall(model) if dcfg is None else install(model, lab, dcfg)
@@ -159,7 +161,7 @@ def main():
     ap.add_argument("--text", default=str(DATA / "wikitext2_test.raw.txt"))
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--only", default="", help="comma list of substrings selecting ppl configs")
+    ap.add_argument("--only", default="", help="comma list of substrings selecting configs")
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--heavy", default="16", help="retrieval: comma list of x, k = length / x")
     ap.add_argument("--keys", type=int, default=4)
