@@ -215,3 +215,25 @@ def test_ct_checkpoint_loads_in_transformers(tiny_models, tmp_path, ids, sym):
     assert torch.allclose(_logits(m, ids), _logits(ours, ids), atol=1e-5, rtol=0)
     # decompressed to dense Linear on load / first forward: the very weights our reader dequantizes
     assert torch.equal(m.model.layers[1].mlp.up_proj.weight, ours.model.layers[1].mlp.up_proj.weight)
+
+
+@pytest.mark.slow
+def test_gptq_act_order_checkpoint_loads_in_transformers(tiny_models, tmp_path, ids):
+    """GPTQ pass with act-order (non-trivial g_idx, desc_act=True) -> transformers/gptqmodel agrees with our reader."""
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    out = tmp_path / "gptq-ao"
+    compress(CompressOptions(model=str(tiny_models["llama"]), out=str(out), recipe="gptq", format="gptq", sym=True,
+                             group_size=32, nsamples=4, seqlen=64))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True and qc["checkpoint_format"] == "gptq"
+    reader = open_weights(out)
+    assert reader.qweight("model.layers.0.mlp.down_proj").act_order
+    ours, _ = full_model(out)
+    ref = _logits(ours, ids)
+    m = AutoModelForCausalLM.from_pretrained(out, quantization_config=GPTQConfig(bits=4, backend="torch"),
+                                             dtype=torch.float16)
+    got = _logits(m, ids)
+    assert (got - ref).abs().max().item() / ref.abs().max().item() < 3e-3
