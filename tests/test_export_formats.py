@@ -115,6 +115,20 @@ def test_ct_matches_library_packer(bits):
     assert torch.equal(t["weight_packed"], lib_w) and torch.equal(t["weight_zero_point"], lib_z)
 
 
+def test_gptq_reader_without_g_idx():
+    """Old AutoGPTQ checkpoints (desc_act=False) may omit g_idx: contiguous groups are assumed."""
+    from ptq.model_io import StateDictSource
+
+    qw = QuantizedWeight.from_float(torch.randn(16, 128), QuantSpec(4, 32, sym=True))
+    t = {f"m.{k}": v for k, v in pack_gptq(qw, v1=True).items() if k != "g_idx"}
+    t["m.bias"] = torch.zeros(16)
+    src = GPTQSource(StateDictSource(t), {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True})
+    assert sorted(src.keys()) == ["m.bias", "m.weight"] and src.qweight("m.bias") is None
+    back = src.qweight("m")
+    assert torch.equal(back.codes, qw.codes) and torch.equal(back.g_idx, qw.g_idx) and back.sym
+    assert torch.allclose(src.get("m.weight"), qw.dequantize(), rtol=1e-3, atol=0)
+
+
 def test_lut_weights_refused():
     qw = QuantizedWeight.from_float(torch.randn(8, 64), QuantSpec(4, 32))
     qw.lut = torch.randn(8, 16)

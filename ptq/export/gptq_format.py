@@ -23,7 +23,7 @@ import torch
 
 from ptq.export.base import CheckpointWriter
 from ptq.model_io import WeightSource
-from ptq.quant.primitives import pack, unpack
+from ptq.quant.primitives import default_g_idx, pack, unpack
 from ptq.quant.qweight import QuantizedWeight
 
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -158,7 +158,11 @@ class GPTQSource(WeightSource):
     def qweight(self, module_path: str) -> QuantizedWeight | None:
         if module_path not in self.qpaths:
             return None
-        t = {part: self.src.get(f"{module_path}.{part}") for part in GPTQ_PARTS}
+        t = {part: self.src.get(f"{module_path}.{part}") for part in GPTQ_PARTS
+             if f"{module_path}.{part}" in self.src}
+        if "g_idx" not in t:  # old AutoGPTQ checkpoints without desc_act omit it: contiguous groups
+            k = t["qweight"].shape[0] * 32 // self.bits
+            t["g_idx"] = default_g_idx(k, k if self.group_size == -1 else self.group_size)
         return unpack_gptq(t, self.bits, self.group_size, self.sym, self.v1)
 
     def get(self, name):
