@@ -190,7 +190,11 @@ def reconstruct(D: torch.Tensor, ch: Channels, keep: torch.Tensor, ch_hat: Chann
     if has_bias:
         alpha1 = alpha2 = 0.0
     partner = s = s_q = None
-    if mode == "pair":
+    if mode not in ("pair", "lstsq"):
+        raise ValueError(f"UDFC mode must be 'pair' or 'lstsq', got {mode!r}")
+    if len(P) == 0 and ch_hat is None:  # nothing damaged: the exact optimum is D itself
+        newD = Dd[:, keep].clone()
+    elif mode == "pair":
         newD = Dd[:, keep].clone()
         if ch_hat is not None:
             s_q = diag_kernel(R_ch, hat, alpha2) / diag_kernel(hat, hat, alpha2).clamp_min(1e-30)

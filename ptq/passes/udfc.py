@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ptq.layermap import get_module
+from ptq.model_io import release
 from ptq.pipeline import LayerContext, Pass
 from ptq.quant.qweight import QuantizedWeight
 from ptq.udfc_math import (attn_moment, channels_from_mlp, energy_scores, kernel, linear_rescale, normalized_moment,
@@ -57,7 +58,7 @@ class UDFCPass(Pass):
         reconstruct: bool = True  # closed-form compensation in the next layer (False = plain prune + RTN)
         prune_heads: bool = False  # attention-head pruning: not implemented (raises)
         quantize: bool = True  # False = keep fp weights (CLI --bits 16)
-        mode: str = "pair"  # pair: one partner per pruned channel (paper); lstsq: all remaining channels
+        mode: str = "lstsq"  # lstsq: all remaining channels (default); pair: one partner per pruned channel (paper)
         ridge: float = 1e-3  # lstsq only: ridge, relative to the mean diagonal of K
         attn_comp: bool = True  # quantization term for v_proj channels folded into o_proj columns
         round_to: int = 1  # kept channel count rounded up to a multiple of this (kernel-friendly shapes)
@@ -87,7 +88,7 @@ class UDFCPass(Pass):
         self.total = int(getattr(sm.config, attr))
         self.n_keep = n_keep_for(self.total, self.opts.prune_ratio, self.opts.round_to)
         setattr(sm.config, attr, self.n_keep)  # exported config.json describes the pruned model
-        self.M = None
+        self.M, self.sm, self._next = None, sm, 0
         if self.opts.input_model == "propagate":
             self.M = self._embedding_moment(sm)
 
@@ -118,19 +119,36 @@ class UDFCPass(Pass):
     def apply(self, ctx: LayerContext) -> None:
         if not hasattr(self, "n_keep"):
             raise RuntimeError("UDFCPass.setup(sm) must run before apply")
-        center = ctx.lmap.norm_has_bias  # LayerNorm subtracts the mean, RMSNorm does not
         L_attn = L_mlp = None
         if self.M is not None:  # weight-only second-moment propagation (udfc_math), from the original weights
-            Mh = normalized_moment(self.M, center)
-            L_attn = psd_sqrt(Mh)
-            g_in = next(g for g in ctx.lmap.groups if g.name == "attn_in")
-            g_out = next(g for g in ctx.lmap.groups if g.name == "attn_out")
-            v, o = ctx.module(g_in.linears[2]), ctx.module(g_out.linears[0])
-            gamma = getattr(ctx.module(g_in.prev), "weight", None)
-            self.M = self.M + attn_moment(v.weight.data, o.weight.data, gamma, Mh, ctx.config.num_attention_heads)
-            L_mlp = psd_sqrt(normalized_moment(self.M, center))
+            while self._next < ctx.index:  # resumed run: replay the skipped layers' moments (original weights)
+                j = self._next
+                self._moment_step(self.sm.load_layer(j), ctx.lmap, ctx.config)
+                release(self.sm.layers[j])
+            L_attn, L_mlp = self._moment_step(ctx.layer, ctx.lmap, ctx.config)
         self._attention(ctx, L_attn)
         self._mlp(ctx, L_mlp)
+
+    def _moment_step(self, layer, lmap, config):
+        """Advance ``self.M`` over one original layer; returns the whitening ``L`` before attention and MLP."""
+        center = lmap.norm_has_bias  # LayerNorm subtracts the mean, RMSNorm does not
+        mod = lambda n: get_module(layer, n)  # noqa: E731
+        g = {gr.name: gr for gr in lmap.groups}
+        Mh = normalized_moment(self.M, center)
+        L_attn = psd_sqrt(Mh)
+        v, o = mod(g["attn_in"].linears[2]), mod(g["attn_out"].linears[0])
+        gamma = getattr(mod(g["attn_in"].prev), "weight", None)
+        self.M = self.M + attn_moment(v.weight.data, o.weight.data, gamma, Mh, config.num_attention_heads)
+        L_mlp = psd_sqrt(normalized_moment(self.M, center))
+        ins = [mod(n) for n in g["mlp_in"].linears]
+        norm = mod(g["mlp_in"].prev)
+        ch = channels_from_mlp(ins[0].weight.data, ins[1].weight.data if lmap.mlp_kind == "gated" else None,
+                               getattr(norm, "weight", None), getattr(norm, "bias", None),
+                               ins[0].bias.data if ins[0].bias is not None else None, _act_name(config), L_mlp)
+        D = mod(g["mlp_out"].linears[0]).weight.data.double()
+        self.M = self.M + D @ kernel(ch, ch, 1.0, matched=True) @ D.T
+        self._next += 1
+        return L_attn, L_mlp
 
     def _mlp(self, ctx: LayerContext, L: torch.Tensor | None = None) -> None:
         o = self.opts
@@ -147,9 +165,6 @@ class UDFCPass(Pass):
         b_in = ins[0].bias.data if ins[0].bias is not None else None
         ch = channels_from_mlp(w_in, w_up, gamma, beta, b_in, act, L)
         D = down.weight.data
-        if self.M is not None:
-            Dd = D.double()
-            self.M = self.M + Dd @ kernel(ch, ch, 1.0, matched=True) @ Dd.T
         keep = select_keep(energy_scores(D, ch, o.alpha1), self.n_keep)
         # quantize the kept input rows -> hhat
         new_in = []
@@ -196,7 +211,7 @@ class UDFCPass(Pass):
             lin = ctx.module(n)
             w = lin.weight.data
             wq = self._quant(ctx, n, w)
-            if n == v_name and self.opts.attn_comp:
+            if n == v_name and self.opts.attn_comp and self.opts.reconstruct:
                 beta = getattr(ctx.module(g_in.prev), "bias", None)
                 m = (w @ beta if beta is not None else 0) + (lin.bias.data if lin.bias is not None else 0)
                 s = linear_rescale(w, wq, gamma, m if torch.is_tensor(m) else None, self.opts.alpha2, L)
