@@ -91,7 +91,17 @@ def compress(
     if onnx:
         from cli.export_cmd import export_onnx_dir
 
-        export_onnx_dir(out, out / "onnx")
+        import shutil
+
+        tmp_onnx = out / ".onnx-partial"
+        try:
+            export_onnx_dir(out, tmp_onnx)
+        except (ValueError, RuntimeError, NotImplementedError) as e:
+            shutil.rmtree(tmp_onnx, ignore_errors=True)
+            fail(f"ONNX export failed: {e} (the compressed checkpoint is complete in {out}; "
+                 "`ptq export` retries the ONNX step)")
+        shutil.rmtree(out / "onnx", ignore_errors=True)
+        tmp_onnx.rename(out / "onnx")
     t = Table(title=f"ptq compress: {out}")
     t.add_column("metric")
     t.add_column("value", justify="right")
