@@ -59,6 +59,14 @@ def run_config(name: str, args, model_dir, tok, calib, windows) -> dict:
     from ptq.recipes import Defaults
 
     t0 = time.time()
+    if name.startswith("dir:"):  # evaluate an already compressed folder (kept with --keep)
+        folder = Path(name[4:])
+        model, _ = full_model(folder)
+        spec_json = load_act_quant(model, folder)
+        m = model_metrics(model, windows)
+        return {"config": folder.name, "ppl": m.ppl, "tokens": m.tokens,
+                "act_quant_linears": len(spec_json["linears"]) if spec_json else 0,
+                "eval_s": round(time.time() - t0, 1)}
     if name == "fp32":
         model, _ = full_model(model_dir)
         m = model_metrics(model, windows)

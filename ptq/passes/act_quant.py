@@ -140,7 +140,30 @@ def export_spec(sm) -> dict:
     return {"act_quant.json": spec}
 
 
-class ActQuantPass(Pass):
+class ActStateMixin:
+    """Resume support (ptq.resume) for passes that install quantizers: the spec of the layers done so far and
+    their shift vectors are saved after each layer and re-installed on the skeleton when a run resumes."""
+
+    def setup(self, sm) -> None:
+        self._sm = sm
+
+    def resume_state(self) -> dict:
+        spec = spec_from_model(self._sm.model)
+        if spec is None:
+            return {}
+        st: dict = {"act_spec": spec}
+        for name, ent in spec["linears"].items():
+            if ent["shift"]:
+                st["shift:" + ent["shift"]] = quantizer_of(self._sm.model.get_submodule(name)).shift
+        return st
+
+    def load_resume_state(self, st: dict) -> None:
+        if st.get("act_spec"):
+            tensors = {k[len("shift:"):]: v for k, v in st.items() if k.startswith("shift:")}
+            install_act_quant(self._sm.model, st["act_spec"], tensors)
+
+
+class ActQuantPass(ActStateMixin, Pass):
     """Install activation fake-quant on the layer's linears (bits/granularity from the recipe defaults
     ``act_bits`` / ``act_granularity``); static per-tensor clips are calibrated sub-block by sub-block, each on
     inputs produced with the earlier sub-blocks' quantizers already on."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptq.passes.act_quant import export_spec, quantizer_of
+from ptq.passes.act_quant import ActStateMixin, export_spec, quantizer_of
 from ptq.passes.migration import (SubModule, add_bias, fold_scale, fold_shift, make_act_quant,
                                   quantized_loss)
 from ptq.pipeline import LayerContext, Pass
@@ -51,7 +51,7 @@ def search_scale(sub: SubModule, ref: list[torch.Tensor], xs: list[torch.Tensor]
     return best_s, best_t, {"loss_noscale": base, "loss": best, "T": T}
 
 
-class OSPlusPass(Pass):
+class OSPlusPass(ActStateMixin, Pass):
     name = "os+"
     needs_calibration = True
 
@@ -67,6 +67,7 @@ class OSPlusPass(Pass):
         weight_quant: bool = True  # RTN fake-quant of the weights inside the search
 
     def setup(self, sm) -> None:
+        super().setup(sm)
         o = self.opts
         if o.shift not in ("auto", "on", "off"):
             raise ValueError(f"os+: shift must be auto, on or off, got {o.shift!r}")
