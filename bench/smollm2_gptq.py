@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--recipes", default="rtn,gptq")
     ap.add_argument("--format", default="gptq")
     ap.add_argument("--calib", default=str(DATA / "janeausten"))
+    ap.add_argument("--fp-ppl", type=float, default=None, help="reuse a measured fp32 perplexity")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from ptq.models.smollm2 import ensure_cache
@@ -58,7 +59,7 @@ def main():
         _, _, _, out = run(ptq + ["eval", str(folder), "--text", text, "--windows", str(args.windows), "--json"])
         return json.loads(out)["ppl"]
 
-    fp = ppl(model)
+    fp = args.fp_ppl if args.fp_ppl is not None else ppl(model)
     print(f"fp32 ppl {fp:.3f}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
