@@ -93,7 +93,25 @@ def make_factors(attns, stats, ccfg, config, fit_steps, fit_lr, log, fit_batch=1
     return init, fit, mean
 
 
+def print_table(path: str) -> None:
+    """Markdown table of the JSON-lines records written by ``--log``."""
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    dense = next((r["ppl"] for r in recs if r["config"].startswith("dense")), None)
+    print("| config | windows | ppl | ppl vs dense | B/token T=512 | T=511 | reduction T=512 | T=511 | rel err K | V |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in recs:
+        if r["config"].startswith("dense"):
+            print(f"| {r['config']} | {r['windows']} | {r['ppl']:.2f} | - | {r['bytes_per_token']} | - | 0 | - | - | - |")
+            continue
+        rel = f"{100 * (r['ppl'] / dense - 1):+.1f}%" if dense else "-"
+        print(f"| {r['config']} | {r['windows']} | {r['ppl']:.2f} | {rel} | {r['bytes_per_token_T512']:.0f} | "
+              f"{r['bytes_per_token_T511']:.0f} | {100 * r['reduction_T512']:.1f}% | {100 * r['reduction_T511']:.1f}% | "
+              f"{r['k_err']:.3f} | {r['v_err']:.3f} |")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        return print_table(sys.argv[2])
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="0.5:0.5,0.25:0.25", help="k_density:v_density list")
     ap.add_argument("--bits", default="16,4")

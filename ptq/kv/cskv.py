@@ -326,6 +326,6 @@ def asymptotic_bytes_per_token(ccfg: CSKVConfig, config) -> float:
     def part(r, bits, meta_per_token):
         return r * 2 if bits == 16 else math.ceil(r * bits / 8) + meta_per_token
 
-    k = part(d["r_k"], ccfg.k_bits, d["r_k"] * 3 / ccfg.window)  # fp16 scale + u8 zero per channel per window
-    v = part(d["r_v"], ccfg.v_bits, d["n_kv"] * 3)  # per token per head group
+    k = part(d["r_k"], ccfg.k_bits, d["r_k"] * 4 / ccfg.window)  # fp16 scale + fp16 min per channel per window
+    v = part(d["r_v"], ccfg.v_bits, d["n_kv"] * 4)  # per token per head group
     return L * (k + v)

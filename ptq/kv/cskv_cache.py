@@ -5,9 +5,9 @@ Per decoder layer the cache holds, for ``T`` tokens seen so far and a window ``W
 * **compressed branch** (tokens ``[0, floor(T/W)*W)``, complete windows): the low-rank features
   ``c_k = A_k x  [b, n, r_k]`` and ``c_v = A_v x  [b, n, r_v]`` stored *pre-RoPE*. With ``bits < 16`` they are
   quantized when a window fills (asymmetric min/max, ``s = (max-min).clamp(1e-5) / (2^b-1)``,
-  ``z = clamp(-round(min/s), 0, 2^b-1)``, ``q = clamp(round(c/s)+z, 0, 2^b-1)``, ``c_hat = (q - z) s``):
+  ``q = clamp(round((c - min)/s), 0, 2^b-1)``, ``c_hat = q s + min``, see `quantize_groups`):
   K per channel over the W tokens of the window (KIVI), V per token in groups of ``r_v / n_kv`` channels.
-  Codes are bit-packed (uint8), scales fp16, zeros uint8.
+  Codes are bit-packed (uint8), scales and minima fp16.
 * **full-precision branch** (tokens ``[floor(T/W)*W, T)``, the current, incomplete window, 0..W-1 tokens):
   the exact pre-RoPE ``K, V [b, n_kv, R, d]`` plus their (not yet quantized) features.
 
@@ -17,7 +17,7 @@ K/V of keys in its own window (``j // W == t // W``, ``j <= t``) and ``K_hat = R
 mask from the `CSKVView` returned by `CSKVLayer.append`; running a whole sequence through a fresh layer is
 therefore exactly equal to decoding it token by token.
 
-Memory: `CSKVLayer.nbytes` counts every stored tensor (codes, scales, zeros, fp features, window K/V);
+Memory: `CSKVLayer.nbytes` counts every stored tensor (codes, scales, minima, fp features, window K/V);
 positions (int64, one per token) are bookkeeping shared with any cache and are not counted.
 """
 from __future__ import annotations
@@ -31,21 +31,24 @@ from ptq.quant.primitives import pack, unpack
 
 
 def quantize_groups(x: torch.Tensor, bits: int, dim: int):
-    """Asymmetric min/max codes of ``x`` reduced over ``dim`` (the reference `KVQuantizer` formula).
+    """Asymmetric min/max codes of ``x`` reduced over ``dim``: ``s = (max-min).clamp(1e-5) / (2^b-1)``,
+    ``q = clamp(round((x - min) / s), 0, 2^b-1)``, ``x_hat = q s + min`` (KIVI's scale + min form).
 
-    Returns ``codes`` (uint8, shape of x), ``scale`` (fp16, x with ``dim`` of size 1), ``zero`` (uint8, same)."""
+    The reference `KVQuantizer` stores ``z = clamp(-round(min/s), 0, 2^b-1)`` instead; that clamp clips every
+    group whose range excludes 0 (e.g. a feature channel in [10, 11] decodes to [0, 1]), which low-rank features
+    often are, so we keep the fp16 minimum. Returns ``codes`` (uint8, shape of x), ``scale`` and ``lo`` (fp16, x
+    with ``dim`` of size 1)."""
     qmax = 2**bits - 1
     xf = x.float()
     lo, hi = xf.amin(dim, keepdim=True), xf.amax(dim, keepdim=True)
     scale = ((hi - lo).clamp(min=1e-5) / qmax).half()
-    s = scale.float()
-    zero = torch.clamp(-torch.round(lo / s), 0, qmax)
-    codes = torch.clamp(torch.round(xf / s) + zero, 0, qmax)
-    return codes.to(torch.uint8), scale, zero.to(torch.uint8)
+    lo = lo.half()
+    codes = torch.clamp(torch.round((xf - lo.float()) / scale.float()), 0, qmax)
+    return codes.to(torch.uint8), scale, lo
 
 
-def dequantize_groups(codes, scale, zero) -> torch.Tensor:
-    return (codes.float() - zero.float()) * scale.float()
+def dequantize_groups(codes, scale, lo) -> torch.Tensor:
+    return codes.float() * scale.float() + lo.float()
 
 
 @dataclass
@@ -109,20 +112,20 @@ class CSKVLayer(CacheLayerMixin):
             return self._cat("k_feat", ck.to(self.store_dtype))
         b, n, r = ck.shape
         chunks = ck.reshape(b, n // self.window, self.window, r)
-        codes, scale, zero = quantize_groups(chunks, self.k_bits, dim=2)  # per channel over the window
+        codes, scale, lo = quantize_groups(chunks, self.k_bits, dim=2)  # per channel over the window
         self._cat("k_codes", pack(codes.reshape(b, n, r), self.k_bits))
         self._cat("k_scale", scale.squeeze(2))
-        self._cat("k_zero", zero.squeeze(2))
+        self._cat("k_min", lo.squeeze(2))
 
     def _store_v(self, cv: torch.Tensor) -> None:
         if self.v_bits == 16:
             return self._cat("v_feat", cv.to(self.store_dtype))
         b, n, r = cv.shape
         g = self.v_group or r
-        codes, scale, zero = quantize_groups(cv.reshape(b, n, r // g, g), self.v_bits, dim=3)  # per token/group
+        codes, scale, lo = quantize_groups(cv.reshape(b, n, r // g, g), self.v_bits, dim=3)  # per token/group
         self._cat("v_codes", pack(codes.reshape(b, n, r), self.v_bits))
         self._cat("v_scale", scale.squeeze(3))
-        self._cat("v_zero", zero.squeeze(3))
+        self._cat("v_min", lo.squeeze(3))
 
     def _load_k(self, r: int, dtype) -> torch.Tensor | None:
         if self.k_bits == 16:
@@ -133,7 +136,7 @@ class CSKVLayer(CacheLayerMixin):
         codes = unpack(self.t["k_codes"], self.k_bits, r)
         b, n, _ = codes.shape
         c = codes.reshape(b, n // self.window, self.window, r)
-        return dequantize_groups(c, self.t["k_scale"][:, :, None], self.t["k_zero"][:, :, None]).reshape(b, n, r).to(dtype)
+        return dequantize_groups(c, self.t["k_scale"][:, :, None], self.t["k_min"][:, :, None]).reshape(b, n, r).to(dtype)
 
     def _load_v(self, r: int, dtype) -> torch.Tensor | None:
         if self.v_bits == 16:
@@ -145,7 +148,7 @@ class CSKVLayer(CacheLayerMixin):
         b, n, _ = codes.shape
         g = self.v_group or r
         c = codes.reshape(b, n, r // g, g)
-        return dequantize_groups(c, self.t["v_scale"][..., None], self.t["v_zero"][..., None]).reshape(b, n, r).to(dtype)
+        return dequantize_groups(c, self.t["v_scale"][..., None], self.t["v_min"][..., None]).reshape(b, n, r).to(dtype)
 
     # -- the CSKV update -----------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
