@@ -144,10 +144,13 @@ def main():
 
     model_dir = smollm2.ensure_cache()
     tok = tokenizer_for(model_dir)
-    calib = load_calibration(DATA / "janeausten", tok, max(args.calib_samples, args.sq_samples, args.search_samples),
-                             512, seed=0)
+    names = args.configs.split(",")
+    calib = None
+    if any(not (n == "fp32" or n.startswith(("dir:", "naive"))) for n in names):
+        calib = load_calibration(DATA / "janeausten", tok,
+                                 max(args.calib_samples, args.sq_samples, args.search_samples), 512, seed=0)
     windows = eval_windows(tokenize(read_text(DATA / "wikitext2_test.raw.txt"), tok), 512, args.windows)
-    for name in args.configs.split(","):
+    for name in names:
         res = run_config(name, args, model_dir, tok, calib, windows)
         print(json.dumps(res), flush=True)
         with open(args.results, "a") as f:
