@@ -58,7 +58,7 @@ class UDFCPass(Pass):
         reconstruct: bool = True  # closed-form compensation in the next layer (False = plain prune + RTN)
         prune_heads: bool = False  # attention-head pruning: not implemented (raises)
         quantize: bool = True  # False = keep fp weights (CLI --bits 16)
-        mode: str = "lstsq"  # lstsq: all remaining channels (default); pair: one partner per pruned channel (paper)
+        mode: str = "pair"  # pair: one partner per pruned channel (paper, default); lstsq: all remaining channels
         ridge: float = 1e-3  # lstsq only: ridge, relative to the mean diagonal of K
         attn_comp: bool = True  # quantization term for v_proj channels folded into o_proj columns
         round_to: int = 1  # kept channel count rounded up to a multiple of this (kernel-friendly shapes)
