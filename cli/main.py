@@ -43,7 +43,7 @@ def compress(
     model: str = typer.Argument(..., help="model folder or hub id (safetensors)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --force)"),
     recipe: str = typer.Option("gptq", help="built-in recipe name (see `ptq recipes`) or a YAML path"),
-    bits: Optional[int] = typer.Option(None, help="weight bits 2..8 (default from the recipe)"),
+    bits: Optional[int] = typer.Option(None, help="weight bits 2..8 (16 = unquantized, udfc only; default from the recipe)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="group size along K, -1 = per channel"),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="symmetric or asymmetric weights"),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="activation bits (OS+/SmoothQuant recipes)"),

@@ -24,8 +24,8 @@ from ptq.manifest import build_manifest, ptq_version, write_manifest
 from ptq.model_io import ModelInputError, StreamingModel, WeightSource, dir_size, tokenizer_for
 from ptq.passes import get_pass_class
 from ptq.pipeline import compress_loop
-from ptq.resume import Checkpointer, fingerprint, model_fingerprint, not_resumable, partial_dir
 from ptq.quant.primitives import QuantSpec
+from ptq.resume import Checkpointer, fingerprint, is_state_file, model_fingerprint, not_resumable, partial_dir
 from ptq.recipes import Recipe, load_recipe
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -87,6 +87,15 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     if d.act_bits is not None and not 2 <= d.act_bits <= 16:
         raise UsageError(f"--act-bits must be in 2..16, got {d.act_bits}")
     try:
+        if d.bits == 16:  # "16 bits" = no weight quantization, for passes with a `quantize` option (udfc)
+            nq = [n for n, o in recipe.passes if not hasattr(o, "quantize")]
+            if nq:
+                raise UsageError(f"--bits 16 (no quantization) is not supported by pass(es) {', '.join(nq)}")
+            if d.format not in ("fp",) and opts.format is not None:
+                raise UsageError("--bits 16 keeps fp weights: use --format fp")
+            for _, o in recipe.passes:
+                o.quantize = False
+            d.bits, d.format = 8, "fp"  # placeholder spec (QuantSpec needs 2..8); nothing is quantized
         spec = QuantSpec(bits=d.bits, group_size=d.group_size, sym=d.sym, mse=d.mse)
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -297,7 +306,8 @@ def compress(opts: CompressOptions, progress=None) -> dict:
             "resumed_from_layer": start if resume_state is not None else None,
             "compress_seconds": round(t_compress, 2),
             "size_before_bytes": dir_size(sm.folder) if sm.folder else None,
-            "size_after_bytes": dir_size(tmp),
+            "size_after_bytes": sum(f.stat().st_size for f in tmp.rglob("*")
+                                    if f.is_file() and not is_state_file(f.name)),
             "layers": loop.layer_stats,
         }
         if opts.eval_text:
