@@ -117,3 +117,41 @@ class DenseWriter(CheckpointWriter):
     """Dequantized (fake-quant) weights in the checkpoint dtype."""
 
     format_name = "fp"
+
+
+class QuantizedSource:
+    """Dense `WeightSource` view of a quantized checkpoint: ``<path>.weight`` is dequantized on demand (fp32);
+    `qweight(path)` returns the exact stored `QuantizedWeight`. Subclasses name their per-linear tensor parts
+    (``PARTS``; the first one marks a quantized linear) and implement `_unpack(parts) -> QuantizedWeight`."""
+
+    PARTS: tuple[str, ...] = ()
+
+    def _index(self, source) -> None:
+        self.src = source
+        keys = source.keys()
+        marker = "." + self.PARTS[0]
+        self.qpaths = {k[: -len(marker)] for k in keys if k.endswith(marker)}
+        hidden = {f"{p}.{part}" for p in self.qpaths for part in self.PARTS}
+        self._keys = [k for k in keys if k not in hidden] + [f"{p}.weight" for p in sorted(self.qpaths)]
+        self._keyset = set(self._keys)
+        self._all = set(keys)
+
+    def keys(self):
+        return list(self._keys)
+
+    def __contains__(self, name):
+        return name in self._keyset
+
+    def _unpack(self, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def qweight(self, module_path: str) -> QuantizedWeight | None:
+        if module_path not in self.qpaths:
+            return None
+        return self._unpack({part: self.src.get(f"{module_path}.{part}") for part in self.PARTS
+                             if f"{module_path}.{part}" in self._all})
+
+    def get(self, name):
+        if name.endswith(".weight") and name[: -len(".weight")] in self.qpaths:
+            return self.qweight(name[: -len(".weight")]).dequantize()
+        return self.src.get(name)

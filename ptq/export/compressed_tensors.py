@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ptq.export.base import CheckpointWriter
+from ptq.export.base import CheckpointWriter, QuantizedSource
 from ptq.export.gptq_format import QuantConfigMixin, check_uniform
 from ptq.model_io import WeightSource
 from ptq.quant.primitives import default_g_idx, pack, unpack
@@ -103,9 +103,11 @@ class CTWriter(QuantConfigMixin, CheckpointWriter):
         }
 
 
-class CTSource(WeightSource):
+class CTSource(QuantizedSource, WeightSource):
     """Dense view of a pack-quantized checkpoint: ``<path>.weight`` dequantized on demand (fp32);
     `qweight(path)` gives the exact stored `QuantizedWeight`."""
+
+    PARTS = CT_PARTS
 
     def __init__(self, source: WeightSource, quantization_config: dict):
         qc = quantization_config
@@ -121,26 +123,7 @@ class CTSource(WeightSource):
             raise ValueError(f"unsupported compressed-tensors weight scheme {w}")
         self.bits = int(w["num_bits"])
         self.group_size = w.get("group_size") if w.get("strategy") == "group" else None
-        keys = source.keys()
-        self.qpaths = {k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed")}
-        hidden = {f"{p}.{part}" for p in self.qpaths for part in CT_PARTS}
-        self._keys = [k for k in keys if k not in hidden] + [f"{p}.weight" for p in sorted(self.qpaths)]
-        self._keyset = set(self._keys)
+        self._index(source)
 
-    def keys(self):
-        return list(self._keys)
-
-    def __contains__(self, name):
-        return name in self._keyset
-
-    def qweight(self, module_path: str) -> QuantizedWeight | None:
-        if module_path not in self.qpaths:
-            return None
-        t = {part: self.src.get(f"{module_path}.{part}") for part in CT_PARTS
-             if f"{module_path}.{part}" in self.src}
+    def _unpack(self, t: dict) -> QuantizedWeight:
         return unpack_ct(t, self.bits, self.group_size)
-
-    def get(self, name):
-        if name.endswith(".weight") and name[: -len(".weight")] in self.qpaths:
-            return self.qweight(name[: -len(".weight")]).dequantize()
-        return self.src.get(name)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ptq.export.base import CheckpointWriter
+from ptq.export.base import CheckpointWriter, QuantizedSource
 from ptq.model_io import WeightSource
 from ptq.quant.primitives import default_g_idx, pack, unpack
 from ptq.quant.qweight import QuantizedWeight
@@ -129,9 +129,11 @@ class GPTQWriter(QuantConfigMixin, CheckpointWriter):
         }
 
 
-class GPTQSource(WeightSource):
+class GPTQSource(QuantizedSource, WeightSource):
     """Dense view of a GPTQ checkpoint: ``<path>.weight`` is dequantized on demand (fp32); `qweight(path)`
     gives the exact stored `QuantizedWeight` (scales as stored in fp16, widened to fp32)."""
+
+    PARTS = GPTQ_PARTS
 
     def __init__(self, source: WeightSource, quantization_config: dict):
         qc = quantization_config
@@ -143,29 +145,10 @@ class GPTQSource(WeightSource):
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"unsupported GPTQ checkpoint_format {fmt!r} (expected gptq or gptq_v2)")
         self.v1 = fmt == "gptq"
-        keys = source.keys()
-        self.qpaths = {k[: -len(".qweight")] for k in keys if k.endswith(".qweight")}
-        hidden = {f"{p}.{part}" for p in self.qpaths for part in GPTQ_PARTS}
-        self._keys = [k for k in keys if k not in hidden] + [f"{p}.weight" for p in sorted(self.qpaths)]
-        self._keyset = set(self._keys)
+        self._index(source)
 
-    def keys(self):
-        return list(self._keys)
-
-    def __contains__(self, name):
-        return name in self._keyset
-
-    def qweight(self, module_path: str) -> QuantizedWeight | None:
-        if module_path not in self.qpaths:
-            return None
-        t = {part: self.src.get(f"{module_path}.{part}") for part in GPTQ_PARTS
-             if f"{module_path}.{part}" in self.src}
+    def _unpack(self, t: dict) -> QuantizedWeight:
         if "g_idx" not in t:  # old AutoGPTQ checkpoints without desc_act omit it: contiguous groups
             k = t["qweight"].shape[0] * 32 // self.bits
             t["g_idx"] = default_g_idx(k, k if self.group_size == -1 else self.group_size)
         return unpack_gptq(t, self.bits, self.group_size, self.sym, self.v1)
-
-    def get(self, name):
-        if name.endswith(".weight") and name[: -len(".weight")] in self.qpaths:
-            return self.qweight(name[: -len(".weight")]).dequantize()
-        return self.src.get(name)

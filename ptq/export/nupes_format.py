@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ptq.export.base import CheckpointWriter
+from ptq.export.base import CheckpointWriter, QuantizedSource
 from ptq.model_io import WeightSource
 from ptq.quant.primitives import default_g_idx, pack, unpack
 from ptq.quant.qweight import QuantizedWeight
@@ -104,34 +104,17 @@ class NUPESWriter(CheckpointWriter):
                 "lut_dtype": "float32", "meta": {"quantizer": ["ptq:0.1.0"], "recipe": self.meta.get("recipe")}}
 
 
-class NUPESSource(WeightSource):
+class NUPESSource(QuantizedSource, WeightSource):
     """Dense view of a LUT checkpoint: ``<path>.weight`` is dequantized on demand; `qweight(path)` gives the
     stored `QuantizedWeight`."""
+
+    PARTS = PARTS
 
     def __init__(self, source: WeightSource, quantization_config: dict):
         self.src, self.qc = source, quantization_config
         self.bits = int(self.qc["bits"])
         self.group_size = int(self.qc.get("group_size", -1))
-        keys = source.keys()
-        self.qpaths = {x[: -len(".codes")] for x in keys if x.endswith(".codes")}
-        hidden = {f"{p}.{part}" for p in self.qpaths for part in PARTS}
-        self._keys = [x for x in keys if x not in hidden] + [f"{p}.weight" for p in sorted(self.qpaths)]
-        self._keyset = set(self._keys)
-        self._all = set(keys)
+        self._index(source)
 
-    def keys(self):
-        return list(self._keys)
-
-    def __contains__(self, name):
-        return name in self._keyset
-
-    def qweight(self, module_path: str) -> QuantizedWeight | None:
-        if module_path not in self.qpaths:
-            return None
-        t = {part: self.src.get(f"{module_path}.{part}") for part in PARTS if f"{module_path}.{part}" in self._all}
+    def _unpack(self, t: dict) -> QuantizedWeight:
         return unpack_nupes(t, self.bits, self.group_size)
-
-    def get(self, name):
-        if name.endswith(".weight") and name[: -len(".weight")] in self.qpaths:
-            return self.qweight(name[: -len(".weight")]).dequantize()
-        return self.src.get(name)
