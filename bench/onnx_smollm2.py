@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ptq.export.onnx_validate import decode_feed  # noqa: E402
 
 PROMPT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
           "want of a wife. However little known the feelings or views of such a man may be")
@@ -119,10 +120,7 @@ def time_variant(path: Path, prompt: np.ndarray, n_new: int, threads: int) -> tu
         tok = int(res["logits"][0, -1].argmax())
         out.append(tok)
         total += 1
-        feed = {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
-        for k, v in res.items():
-            if k.startswith("present."):
-                feed["past_key_values." + k[len("present."):]] = v
+        feed = decode_feed(res, tok, total)
         t0 = time.perf_counter()
         res = dict(zip(names, sess.run(names, feed)))
         dec += time.perf_counter() - t0

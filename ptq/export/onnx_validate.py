@@ -69,11 +69,18 @@ def ort_greedy(sess, ids: np.ndarray, n_new: int) -> tuple[list[int], list[np.nd
         tok = int(steps[-1].argmax())
         out.append(tok)
         total += 1
-        feed = {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
-        for k, v in res.items():
-            if k.startswith("present."):
-                feed["past_key_values." + k[len("present."):]] = v
+        feed = decode_feed(res, tok, total)
     return out, steps
+
+
+def decode_feed(res: dict, tok: int, total: int) -> dict:
+    """Feed for one decode step: the new token, a mask over ``total`` positions, and the previous step's
+    ``present.*`` outputs as ``past_key_values.*`` inputs."""
+    feed = {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
+    for k, v in res.items():
+        if k.startswith("present."):
+            feed["past_key_values." + k[len("present."):]] = v
+    return feed
 
 
 @torch.no_grad()
