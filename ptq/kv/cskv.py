@@ -18,6 +18,7 @@ keys are rebuilt as ``RoPE(B_k c_k + b_k)``, values as ``B_v c_v + b_v`` (see `p
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import types
@@ -174,7 +175,9 @@ class CSKVAttention(nn.Module):
         return self._rotary[0](x, pos)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
+                cache=None, **kwargs):
+        if past_key_values is None:  # transformers >= 5.24 passes the cache as ``cache``
+            past_key_values = cache
         b, q, _ = hidden_states.shape
         d, nkv = self.head_dim, self.n_kv
         x = hidden_states
@@ -256,13 +259,20 @@ def convert_model(model, ccfg: CSKVConfig, factors: dict[int, dict[str, torch.Te
     orig = model._cskv_orig_prepare = model._prepare_cache_for_generation
 
     def _prepare(self, generation_config, model_kwargs, *args, **kwargs):
-        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+        key = cache_kwarg(self)
+        if (model_kwargs.get(key) is None and generation_config.use_cache is not False
                 and generation_config.cache_implementation is None):
-            model_kwargs["past_key_values"] = make_cache(self)
+            model_kwargs[key] = make_cache(self)
         return orig(generation_config, model_kwargs, *args, **kwargs)
 
     model._prepare_cache_for_generation = types.MethodType(_prepare, model)
     return model
+
+
+def cache_kwarg(model) -> str:
+    """Name under which ``model.forward`` / ``generate`` take a Cache: ``cache`` from transformers 5.24,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def make_cache(model) -> CSKVCache:
@@ -308,7 +318,7 @@ def kv_bytes_per_token(model, ids: torch.Tensor) -> dict:
 
     cache = make_cache(model)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     cfg = model.config
     d = model.cskv_config.dims(cfg)
     t = ids.shape[1]
