@@ -7,6 +7,12 @@ dampened ``H += damp * mean(diag H) * I``, ``H^-1 = U^T U`` (U upper Cholesky fa
 Options: act-order (columns by descending ``diag H``), static groups (qparams fixed on the unpermuted W), and
 true-sequential (Hessians of a sub-block are collected after the previous sub-block was quantized). Linears
 that share an input (q/k/v, gate/up) share one Hessian.
+
+Static groups are the default. Their qparams come from the original weights in contiguous groups (the RTN grid),
+so error feedback can push an updated weight out of range only to be clipped, never widen a group's scale. On
+SmolLM2-135M (massive activations; Austen calibration, W3 g64, 40 wikitext-2 windows) dynamic act-order groups
+gave perplexity 104.1 (worse than RTN's 94.2), and static groups gave 80.3. Static groups also keep ``g_idx``
+trivial, so every exporter and kernel takes the result.
 """
 from __future__ import annotations
 
@@ -131,7 +137,7 @@ class GPTQPass(Pass):
         true_sequential: bool = True
         damp: float = 0.01
         block_size: int = 128
-        static_groups: bool = False
+        static_groups: bool = True  # see the module docstring
 
     def _hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, HessianAccumulator]:
         """One accumulator per distinct input (linears of a group share it)."""
