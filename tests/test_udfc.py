@@ -173,6 +173,16 @@ def test_reconstruction_helps_whole_tiny_model(tiny_models):
     assert errs[True] < errs[False]
 
 
+@pytest.mark.parametrize("kind,expected", [("llama", "pair"), ("opt", "lstsq")])
+def test_auto_mode_picks_the_family_mode(tiny_models, kind, expected):
+    """mode=auto (the default) is pair for gated MLPs and lstsq for fc MLPs: identical weights to the explicit mode,
+    different from the other one."""
+    other = {"pair": "lstsq", "lstsq": "pair"}[expected]
+    sds = {m: run_pass(tiny_models[kind], prune_ratio=0.3, mode=m)[0].state_dict() for m in ("auto", expected, other)}
+    assert all(torch.equal(v, sds[expected][k]) for k, v in sds["auto"].items())
+    assert any(not torch.equal(v, sds[other][k]) for k, v in sds["auto"].items())
+
+
 def test_options_are_strict():
     with pytest.raises(RecipeError, match="prune_ratio"):
         parse_recipe({"passes": [{"udfc": {"prune_ratio": 1.0}}]})

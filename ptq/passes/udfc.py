@@ -58,7 +58,10 @@ class UDFCPass(Pass):
         reconstruct: bool = True  # closed-form compensation in the next layer (False = plain prune + RTN)
         prune_heads: bool = False  # attention-head pruning: not implemented (raises)
         quantize: bool = True  # False = keep fp weights (CLI --bits 16)
-        mode: str = "pair"  # pair: one partner per pruned channel (paper, default); lstsq: all remaining channels
+        # pair: one partner per pruned channel (the paper's form); lstsq: all remaining channels at once;
+        # auto: pair for gated MLPs (Llama family), lstsq for fc MLPs (OPT/BERT), the better mode measured on
+        # each family (docs/udfc.md: SmolLM2 and MiniLM-L6)
+        mode: str = "auto"
         ridge: float = 1e-3  # lstsq only: ridge, relative to the mean diagonal of K
         attn_comp: bool = True  # quantization term for v_proj channels folded into o_proj columns
         round_to: int = 1  # kept channel count rounded up to a multiple of this (kernel-friendly shapes)
@@ -70,8 +73,8 @@ class UDFCPass(Pass):
         def validate(self):
             if not 0.0 <= float(self.prune_ratio) < 1.0:
                 raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
-            if self.mode not in ("pair", "lstsq"):
-                raise ValueError(f"mode must be 'pair' or 'lstsq', got {self.mode!r}")
+            if self.mode not in ("auto", "pair", "lstsq"):
+                raise ValueError(f"mode must be 'auto', 'pair' or 'lstsq', got {self.mode!r}")
             if self.alpha1 < 0 or self.alpha2 < 0 or self.ridge < 0:
                 raise ValueError("alpha1, alpha2 and ridge must be >= 0")
             if self.input_model not in ("propagate", "isotropic"):
@@ -177,7 +180,9 @@ class UDFCPass(Pass):
                                        None if b_in is None else b_in[keep], act, L)
         has_bias = down.bias is not None
         if o.reconstruct:
-            rec = reconstruct(D, ch, keep, ch_hat, o.alpha1, o.alpha2, o.mode, o.ridge, has_bias)
+            mode = o.mode if o.mode != "auto" else ("pair" if gated else "lstsq")
+            ctx.stats["udfc.mode_lstsq"] = float(mode == "lstsq")
+            rec = reconstruct(D, ch, keep, ch_hat, o.alpha1, o.alpha2, mode, o.ridge, has_bias)
             newD, bias_delta = rec.D, rec.bias_delta
             if rec.s is not None:
                 ctx.stats["udfc.s_abs_mean"] = float(rec.s.abs().mean())
