@@ -10,6 +10,8 @@ one decoder layer at a time is materialized.
 """
 from __future__ import annotations
 
+import ctypes
+
 import json
 import os
 from pathlib import Path
@@ -220,8 +222,25 @@ def _reinit_rotary(module: nn.Module, device: str) -> None:
 
 
 def release(module: nn.Module) -> None:
-    """Drop a materialized module's tensors back to meta (frees memory)."""
+    """Drop a materialized module's tensors back to meta (frees memory) and hand freed heap pages back to the
+    OS (glibc ``malloc_trim``; without it, RSS crept up ~50 MB per layer on a 7B-shaped model)."""
     module.to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 class StreamingModel:

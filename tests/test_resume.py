@@ -172,7 +172,8 @@ def test_resume_keeps_writer_bookkeeping(setup, tmp_path, monkeypatch, fmt):
     import ptq.export
 
     model, calib, _ = setup
-    po = {"gptq": {"act_order": False}} if fmt == "compressed-tensors" else {}  # CT cannot store act-order
+    # CT cannot store act-order groups; for the GPTQ format ask for them (the default is static groups)
+    po = {"gptq": {"act_order": False}} if fmt == "compressed-tensors" else {"gptq": {"static_groups": False}}
     gs = dict(group_size=16)
     ref = tmp_path / "ref"
     compress(CompressOptions(
