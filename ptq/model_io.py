@@ -11,7 +11,6 @@ one decoder layer at a time is materialized.
 from __future__ import annotations
 
 import ctypes
-
 import json
 import os
 from pathlib import Path
@@ -228,6 +227,9 @@ def release(module: nn.Module) -> None:
     _trim_heap()
 
 
+_LIBC = None  # glibc handle for malloc_trim: None = not looked up yet, False = unavailable
+
+
 def _trim_heap() -> None:
     global _LIBC
     if _LIBC is None:
@@ -238,9 +240,6 @@ def _trim_heap() -> None:
             _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 class StreamingModel:
