@@ -1,0 +1,63 @@
+"""One row format for every benchmark: `append(table, row)` adds a JSON line to ``bench/results/<table>.jsonl``
+with the exact command, the git commit, the machine's core count, the torch/transformers versions and a UTC
+timestamp beside the measured numbers. README.md and docs/ cite only numbers that stand in such a row
+(`bench/tables.py` prints the tables from them)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "") if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def context(command: str | None = None) -> dict:
+    """Provenance fields of a row: command, commit, cores, threads, library versions, time."""
+    import torch
+
+    try:
+        import transformers
+        tv = transformers.__version__
+    except ImportError:
+        tv = None
+    cmd = command or "python " + " ".join(shlex.quote(a) for a in [_rel(sys.argv[0]), *sys.argv[1:]])
+    return {"command": cmd, "commit": _commit(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": tv,
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _rel(p: str) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return Path(p).name
+
+
+def append(table: str, row: dict, command: str | None = None) -> dict:
+    """Append ``row`` (measured numbers) plus provenance to ``bench/results/<table>.jsonl``; returns the row."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    full = {"table": table, **row, **context(command)}
+    with open(RESULTS / f"{table}.jsonl", "a") as f:
+        f.write(json.dumps(full, sort_keys=False) + "\n")
+    return full
+
+
+def rows(table: str) -> list[dict]:
+    p = RESULTS / f"{table}.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
