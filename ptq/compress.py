@@ -39,7 +39,7 @@ class UsageError(ValueError):
 @dataclass
 class CompressOptions:
     model: str
-    out: str
+    out: str | None = None  # None: `default_out_dir` (in the working directory)
     recipe: str = "gptq"
     bits: int | None = None
     group_size: int | None = None
@@ -60,6 +60,31 @@ class CompressOptions:
     trust_remote_code: bool = False
     resume: bool = False  # continue an interrupted run from <out>.ptq-partial (ptq.resume)
     pass_options: dict = field(default_factory=dict)  # pass name -> {option: value} overrides
+    store_dtype: str = "auto"  # unquantized tensors: "auto" = as in the checkpoint, or float32/float16/bfloat16
+    embed_bits: int | None = None  # quantize embeddings / untied lm_head too (formats with EMBED_BITS)
+
+
+def default_out_dir(opts: CompressOptions, recipe: Recipe | None = None) -> Path:
+    """``<model>-<recipe>-w<bits>[a<act>][-g<group>][-<format>]`` in the working directory; group size and
+    format appear only when they differ from the recipe's defaults (e.g. ``llama-7b-osplus-w4a8``)."""
+    import re
+
+    recipe = recipe or resolve_settings(opts)[0]
+    base = load_recipe(opts.recipe).defaults  # before the CLI overrides
+    d = recipe.defaults
+    model = Path(opts.model.rstrip("/")).name or "model"
+    rname = re.sub(r"[^A-Za-z0-9._-]", "", recipe.name.replace("+", "plus")) or "recipe"
+    name = f"{model}-{rname}-w{'fp' if opts.bits == 16 else d.bits}"
+    if d.act_bits is not None:
+        name += f"a{d.act_bits}"
+    if d.group_size != base.group_size:
+        name += "-pc" if d.group_size == -1 else f"-g{d.group_size}"
+    if d.sym != base.sym:
+        name += "-sym" if d.sym else "-asym"
+    fmt = opts.format
+    if fmt is not None and fmt != base.format:
+        name += f"-{fmt}"
+    return Path.cwd() / name
 
 
 def peak_rss_bytes() -> int:
@@ -112,6 +137,21 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
     return recipe, spec
+
+
+def check_store_options(opts: CompressOptions, writer_cls, fmt: str) -> None:
+    """``--store-dtype`` and ``--embed-bits`` against what the format's loaders read."""
+    from ptq.export.base import STORE_DTYPES
+
+    if opts.store_dtype not in ("auto", *STORE_DTYPES):
+        raise UsageError(f"--store-dtype must be auto or one of {', '.join(STORE_DTYPES)}, got {opts.store_dtype!r}")
+    if opts.embed_bits is not None:
+        ok = getattr(writer_cls, "EMBED_BITS", ())
+        if opts.embed_bits not in ok:
+            where = f"format {fmt} takes --embed-bits {'/'.join(map(str, ok))}" if ok else \
+                f"no loader of format {fmt} reads quantized embeddings"
+            raise UsageError(f"--embed-bits {opts.embed_bits}: {where}; use --format compressed-tensors "
+                             "(8 or 4) or --format onnx (ONNX GatherBlockQuantized, 4 or 8), see docs/formats.md")
 
 
 def check_output(out: Path, model_dir: Path | None, force: bool) -> None:
@@ -199,17 +239,18 @@ def _remove_created(path: Path | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def compress(opts: CompressOptions, progress=None) -> dict:
+def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
     """Run the converter; returns the report (also written to ``<out>/report.json``).
 
     All input checks run before any file is written. The output is built in ``<out>.ptq-partial`` with a
     resume state after each layer (ptq.resume) and renamed to ``<out>`` at the very end. Bad input
     (`UsageError`, including NaN/Inf weights found mid-run) removes the partial folder; an interruption or
-    crash keeps it so ``--resume`` continues from the last finished layer.
+    crash keeps it so ``--resume`` continues from the last finished layer. ``progress(i, n, pass_name)`` is
+    called before each pass of layer i, ``on_layer(i, n)`` after layer i is written.
     """
     t0 = time.time()
     recipe, spec = resolve_settings(opts)
-    out = Path(opts.out)
+    out = Path(opts.out) if opts.out else default_out_dir(opts, recipe)
     try:
         sm = StreamingModel.open(opts.model, dtype=DTYPES[opts.dtype], device=opts.device,
                                  allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
@@ -244,10 +285,12 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         writer_cls = writer_class(recipe.defaults.format)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_store_options(opts, writer_cls, recipe.defaults.format)
     passes = build_passes(recipe, spec, recipe.defaults)
     info = run_info(opts, recipe, spec, sm, calib_ids)
     fp = fingerprint({k: info[k] for k in ("model_fingerprint", "recipe", "spec", "format", "dtype", "calibration")}
-                     | {"device": opts.device, "ptq": ptq_version()})
+                     | {"device": opts.device, "ptq": ptq_version(), "store_dtype": opts.store_dtype,
+                        "embed_bits": opts.embed_bits})
 
     tmp = partial_dir(out)
     ckpt = Checkpointer(tmp, fp)
@@ -276,7 +319,9 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     created = _make_parent(out)
     tmp.mkdir(exist_ok=True)
     try:
-        writer = writer_cls(tmp, sm, spec, meta={"recipe": recipe.name})
+        writer = writer_cls(tmp, sm, spec, meta={
+            "recipe": recipe.name, "store_dtype": opts.store_dtype, "embed_bits": opts.embed_bits,
+            "passes": {n: dataclasses.asdict(o) for n, o in recipe.passes}})
         stats: list[dict] = []
         start, restore = 0, None
         if resume_state is not None:
@@ -290,6 +335,8 @@ def compress(opts: CompressOptions, progress=None) -> dict:
 
         def on_layer_done(i, batches):
             ckpt.save(i, n_layers, batches, writer, stats, passes)
+            if on_layer is not None:
+                on_layer(i, n_layers)
 
         loop = compress_loop(sm, passes, calib_ids, spec, writer, progress=progress, start_layer=start,
                              on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore)

@@ -77,7 +77,7 @@ class CTWriter(QuantConfigMixin, CheckpointWriter):
         self._note(qw)
         out = {f"{path}.{k}": v for k, v in pack_ct(qw, self.dtype).items()}
         if bias is not None:
-            out[f"{path}.bias"] = bias.to(self.dtype)
+            out[f"{path}.bias"] = self.cast(f"{path}.bias", bias)
         return out
 
     def layer_tensors(self, ctx):
