@@ -209,3 +209,20 @@ def test_plain_progress_lines(capsys):
         prog.on_layer(1, 3)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[0].startswith("layer 1/3 done in ") and err[1].startswith("layer 2/3 done in ")
+
+
+@pytest.mark.slow  # ONNX export + validation: ~40 s on 2 loaded cores
+def test_onnx_embed_bits_from_compress(tmp_path, tiny_models):
+    """`ptq compress --format onnx --embed-bits 8`: the embedding becomes GatherBlockQuantized in the ONNX graph
+    (the one runtime that reads quantized embeddings), validated against PyTorch."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    out = tmp_path / "o"
+    res = invoke([str(tiny_models["llama"]), "--out", str(out), "--recipe", "rtn", "--group-size", "32",
+                  "--format", "onnx", "--embed-bits", "8"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "onnx" / "onnx_report.json").read_text())
+    assert rep["quantized_at_export"] and rep["validation"]["max_abs_logit_diff_acc0"] < 1e-4
+    ops = {n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph.node}
+    assert "GatherBlockQuantized" in ops
