@@ -150,8 +150,8 @@ def check_store_options(opts: CompressOptions, writer_cls, fmt: str) -> None:
         if opts.embed_bits not in ok:
             where = f"format {fmt} takes --embed-bits {'/'.join(map(str, ok))}" if ok else \
                 f"no loader of format {fmt} reads quantized embeddings"
-            raise UsageError(f"--embed-bits {opts.embed_bits}: {where}; use --format compressed-tensors "
-                             "(8 or 4) or --format onnx (ONNX GatherBlockQuantized, 4 or 8), see docs/formats.md")
+            raise UsageError(f"--embed-bits {opts.embed_bits}: {where}; use --format onnx (onnxruntime "
+                             "GatherBlockQuantized, 4 or 8 bits), see docs/formats.md")
 
 
 def check_output(out: Path, model_dir: Path | None, force: bool) -> None:

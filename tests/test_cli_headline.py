@@ -194,7 +194,7 @@ def test_embed_bits_refused_where_no_loader_reads_it(tmp_path, tiny_models):
                   "--embed-bits", "8"])
     assert res.exit_code == 2
     err = [ln for ln in res.output.splitlines() if ln.startswith("error:")][0]
-    assert "--embed-bits 8" in err and "gptq" in err and "compressed-tensors" in err
+    assert "--embed-bits 8" in err and "format gptq" in err and "--format onnx" in err
     assert not (tmp_path / "o").exists()
 
 
