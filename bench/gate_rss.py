@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,14 +33,15 @@ def gate_rss(code: Path, q: Path, ref: Path, text: Path, windows: int) -> tuple[
     cmd = [sys.executable, "-m", "cli.main", "gate", str(q), "--baseline", str(ref), "--text", str(text),
            "--windows", str(windows), "--max-ppl-ratio", "100", "--json"]
     t = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    res = subprocess.run(cmd, env=env, cwd=str(code), capture_output=True, text=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if res.returncode != 0:
-        raise SystemExit(f"gate failed ({res.returncode}): {res.stderr[-2000:]}")
-    if peak <= before:  # ru_maxrss of children is the max over all waited children: run the larger one first
-        print("warning: peak not above an earlier child's; order the runs largest first", file=sys.stderr)
-    return peak * 1024, time.time() - t, json.loads(res.stdout)["metrics"]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(code), stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"gate failed ({proc.returncode}): {stderr[-2000:]}")
+    return usage.ru_maxrss * 1024, time.time() - t, json.loads(stdout)["metrics"]
 
 
 def main():
