@@ -46,7 +46,7 @@ def main():
         secs = time.time() - t
         lines = (res.stderr + res.stdout).splitlines()
         outs = [p for p in root.iterdir() if p.name != "llama-7b"]
-        row = {"command": "ptq compress llama-7b --bits 4 --recipe os+",
+        row = {"headline_command": "ptq compress llama-7b --bits 4 --recipe os+",
                "model": f"random Llama, 7B proportions, hidden {a.hidden}, {a.layers} layers, vocab 32000, fp16",
                "exit_code": res.returncode, "first_line": lines[0].replace(str(root), "<tmp>") if lines else None,
                "output_folders": [p.name for p in outs], "seconds": round(secs, 1),
