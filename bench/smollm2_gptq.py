@@ -96,7 +96,7 @@ def main():
                 log(dict(setting=s, recipe=recipe, ppl=r["ppl"], bits=bits, group_size=gs, wall_s=round(wall, 1),
                          cpu_s=round(cpu, 1),
                          peak_rss_mib=round(r["rss"], 1), size_mib=round(r["size"], 2),
-                         passes=rep["passes"], stage_seconds=rep.get("stage_seconds"),
+                         passes=rep["passes"], stages=rep.get("stages"),
                          calib_tokens_sha256=(man.get("calibration") or {}).get("tokens_sha256")))
                 print(f"{s:6s} {recipe:5s} ppl {r['ppl']:8.3f} wall {wall:6.0f}s cpu {cpu:6.0f}s "
                       f"peakRSS {r['rss']:5.0f} MiB size {r['size']:6.1f} MiB", flush=True)
