@@ -1,7 +1,7 @@
 """UDFC on the all-MiniLM-L6-v2 sentence encoder (BERT, post-LayerNorm, GELU MLP 384 -> 1536 -> 384), data-free.
 
 Prunes 10/20/30% of the intermediate channels of every layer (same count per layer) and quantizes every linear
-(per-channel RTN, 6/8 bits), with and without the closed-form reconstruction of `ptq.udfc_math` (the same
+(per-channel RTN, 6/8 bits), with and without the closed-form reconstruction of `ptq.passes.udfc_math` (the same
 functions the `udfc` pass uses; BERT is not in ptq's layer map, so the per-layer application lives here).
 The output dense has a bias, so the mean shift is absorbed exactly. Input model: weight-only second-moment
 propagation (embeddings -> LayerNorm -> attention -> LayerNorm -> MLP -> LayerNorm ...), or isotropic.
@@ -23,11 +23,11 @@ from torch import nn
 
 from ptq.quant.primitives import QuantSpec
 from ptq.quant.qweight import QuantizedWeight
-from ptq.udfc_math import (channels_from_mlp, energy_scores, kernel, linear_rescale, normalized_moment, psd_sqrt,
+from ptq.passes.udfc_math import (channels_from_mlp, energy_scores, kernel, linear_rescale, normalized_moment, psd_sqrt,
                            reconstruct, select_keep)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(os.environ.get("PTQ_DATA", "/work/shared/data")) / "janeausten"
+DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "janeausten"
 
 
 def model_dir() -> Path:
