@@ -92,9 +92,9 @@ def test_loader_and_primitives_do_not_import_upward():
         assert not bad, f"{low} imports {bad} (a higher floor)"
 
 
-# An absolute path of one machine: a checkout or scratch folder (/work, /tmp, /mnt, /var/folders) or a home
-# (/root, /home/<user>, /Users/<user>). Not preceded by a word character, '.', '~' or '$' (so URLs, `~/.cache`
-# and `$PTQ_DATA/...` pass).
+# An absolute path of one machine: a checkout or scratch folder (top-level work, tmp, mnt, var/folders) or a home
+# (root, home/<user>, Users/<user>). Not preceded by a word character, '.', '~' or '$' (so URLs, `~/.cache` and
+# `$PTQ_DATA/...` pass).
 MACHINE_PATH = re.compile(r"(?<![\w.~$-])/(?:work|tmp|mnt|root|var/folders|home/[\w.-]+|Users/[\w.-]+)(?=/|\b)")
 
 
