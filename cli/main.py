@@ -85,7 +85,9 @@ def compress(
         if out is None:
             from ptq.compress import default_out_dir
 
-            out = default_out_dir(opts)
+            import dataclasses
+
+            out = default_out_dir(dataclasses.replace(opts, format="onnx") if onnx else opts)
             opts.out = str(out)
         console.print(f"ptq compress: {model} -> {out}", highlight=False, soft_wrap=True)
         with LayerProgress(console) as prog:

@@ -87,6 +87,7 @@ def test_default_out_names(tmp_path, monkeypatch):
     assert name(model="m", recipe="gptq", group_size=-1, format="compressed-tensors") == \
         "m-gptq-w4-pc-compressed-tensors"
     assert name(model="m", recipe="rtn", sym=True) == "m-rtn-w4-sym"
+    assert name(model="m", recipe="gptq", format="onnx") == "m-gptq-w4-onnx"
     assert default_out_dir(CompressOptions(model="m", recipe="rtn")).parent == tmp_path
 
 
