@@ -49,8 +49,12 @@ def gate(
         if not save_baseline:
             th.validate()
         stored = load_baseline(baseline_json) if baseline_json else None
-        metrics, base = measure(compressed, text, seqlen, windows, baseline=baseline, stored=stored,
-                                topk=topk if save_baseline else 0)
+        from cli.common import console
+        from cli.progress import LayerProgress
+
+        with LayerProgress(console, label="eval layer") as prog:
+            metrics, base = measure(compressed, text, seqlen, windows, baseline=baseline, stored=stored,
+                                    topk=topk if save_baseline else 0, progress=prog.on_layer)
         checks = check(metrics, th) if any(v is not None for v in vars(th).values()) else []
     except (GateInputError, ModelInputError) as e:
         fail(str(e))

@@ -140,7 +140,8 @@ def eval_(
     from ptq.model_io import ModelInputError
 
     try:
-        res = evaluate_pair(model, baseline, text, seqlen, windows)
+        with LayerProgress(console, label="eval layer") as prog:
+            res = evaluate_pair(model, baseline, text, seqlen, windows, progress=prog.on_layer)
     except (ModelInputError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     if json_out:

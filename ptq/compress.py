@@ -427,8 +427,9 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
 
 
 def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
-                  dtype: str = "float32") -> dict:
-    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer."""
+                  dtype: str = "float32", progress=None) -> dict:
+    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer;
+    ``progress(i, n)`` after each layer of each model."""
     from calib.data import read_text, tokenize
     from ptq.eval.metrics import eval_windows, stream_metrics
 
@@ -439,4 +440,4 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
     tok = tokenizer_for(sm.folder)
     windows = eval_windows(tokenize(read_text(text), tok), seqlen, max_windows)
-    return stream_metrics(sm, windows, ref).to_dict()
+    return stream_metrics(sm, windows, ref, progress=progress).to_dict()

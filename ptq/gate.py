@@ -109,7 +109,7 @@ def text_windows(model_folder: Path, text: str, seqlen: int, windows: int) -> tu
 
 @torch.no_grad()
 def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baseline: str | None = None,
-            stored: dict | None = None, topk: int = 0, dtype=torch.float32) -> tuple[dict, dict | None]:
+            stored: dict | None = None, topk: int = 0, dtype=torch.float32, progress=None) -> tuple[dict, dict | None]:
     """Metrics of ``model`` against a baseline model or a stored baseline; with ``topk > 0`` (baseline
     model only) also returns a baseline file dict for `save_baseline`."""
     from ptq.eval.metrics import _Accumulator, _stream_final, logit_chunks
@@ -121,8 +121,8 @@ def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baselin
     if stored is not None:
         _check_stored(stored, text_sha, w)
     bs = 4
-    final = _stream_final(sm, w, bs)
-    final_ref = _stream_final(ref, w, bs) if ref is not None else None
+    final = _stream_final(sm, w, bs, progress)
+    final_ref = _stream_final(ref, w, bs, progress) if ref is not None else None
     acc = _Accumulator(False)
     top_ids, top_lp, agree, kl_k, pos = [], [], 0, 0.0, 0
     # logits in chunks of positions (`logit_chunks`): never a whole window's [L, V] logits of both models
