@@ -5,8 +5,8 @@
 Compresses the fp32 SmolLM2 cache to the GPTQ format (W4 g64 asymmetric; the file size does not depend on the
 calibration, so RTN is the default) twice: unquantized tensors as stored (fp32 embedding) and with
 ``--store-dtype float16``. With ``--onnx`` it also exports the fp16-embedding checkpoint to ONNX with the
-embedding quantized to 8 bits (GatherBlockQuantized: the one runtime here that reads quantized embeddings) and
-to 4 bits, and records the validation numbers: accuracy_level 0 vs the default (4) against the PyTorch
+embedding quantized to 8 bits (GatherBlockQuantized: the one runtime here that reads quantized embeddings; 4 with
+``--onnx-embed-bits 8,4``), and records the validation numbers: accuracy_level 0 vs the default (4) against the PyTorch
 fake-quant model (max |logit diff|, greedy tokens). One row per artifact in bench/results/export_size.jsonl.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--recipe", default="rtn", choices=["rtn", "gptq"])
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--onnx", action="store_true")
+    ap.add_argument("--onnx-embed-bits", default="8", help="comma list of embedding bits for the ONNX exports")
     a = ap.parse_args()
     from bench.results_log import append
     from cli.export_cmd import export_onnx_dir
@@ -53,7 +54,7 @@ def main():
             print(json.dumps(row))
             append("export_size", row)
         if a.onnx:
-            for eb in (8, 4):
+            for eb in (int(b) for b in a.onnx_embed_bits.split(",")):
                 out = root / f"onnx-e{eb}"
                 rep = export_onnx_dir(ckpts["float16"], out, embed_bits=eb)
                 size = dir_size(out)
