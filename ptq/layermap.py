@@ -15,6 +15,8 @@ class LinearGroup:
     linears: tuple[str, ...]  # module paths relative to the decoder layer
     prev: str  # module that produces the shared input (norm or linear)
     prev_is_norm: bool
+    stage: str = ""  # groups with the same non-empty stage are calibrated in one pass (MoE experts, ptq.moe)
+    expert: int | None = None  # MoE: routed expert index, -1 for a shared expert, None for dense linears
 
 
 @dataclass(frozen=True)

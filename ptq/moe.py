@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ptq.layermap import LinearGroup
-from ptq.model_io import WeightSource
+# Imports nothing from ptq: the layer map (ptq.layermap) and the loader (ptq.model_io) call into this module.
 
 MOE_PASSES = ("rtn", "gptq")  # passes tested on MoE layers; the rest refuse them (docs/architectures.md)
 
@@ -166,24 +165,18 @@ def install(model: nn.Module, config) -> None:
 # ---- layer map --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ExpertGroup(LinearGroup):
-    """A `LinearGroup` of one expert; groups with the same ``stage`` are calibrated in one pass over the data."""
-
-    stage: str = ""
-    expert: int = -1  # -1: the shared expert
-
-
 BASE_FAMILY = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}  # dense map to start from
 
 
 def layer_map(config, base):
     """Layer map of an MoE model, built from the dense map ``base`` (attention groups, paths) of its family.
 
-    Groups: attention as ``base``; per expert ``e`` an ``expert{e}_in`` group (gate+up, fed by
-    post_attention_layernorm, stage ``moe_in``) and ``expert{e}_out`` (down, stage ``moe_out``); the shared expert
-    likewise (expert id -1); the dense ``mlp_in``/``mlp_out`` groups of ``base`` for Qwen's dense layers. Linears
-    of one stage are calibrated in one pass over the data, each group with its own Hessian."""
+    Groups (``LinearGroup``, the class of ``base.groups``): attention as ``base``; per expert ``e`` an
+    ``expert{e}_in`` group (gate+up, fed by post_attention_layernorm, ``stage="moe_in"``, ``expert=e``) and
+    ``expert{e}_out`` (down, ``stage="moe_out"``); the shared expert likewise (``expert=-1``); the dense
+    ``mlp_in``/``mlp_out`` groups of ``base`` for Qwen's dense layers. Groups of one stage are calibrated in one
+    pass over the data, each with its own Hessian."""
+    Group = type(base.groups[0])
     arch = moe_arch(config)
     E = getattr(config, arch.num_experts)
     g, u, d = arch.names
@@ -191,14 +184,14 @@ def layer_map(config, base):
     groups = [x for x in base.groups if x.name.startswith("attn")]
     for e in range(E):
         p = f"{b}.experts.{e}"
-        groups += [ExpertGroup(f"expert{e}_in", (f"{p}.{g}", f"{p}.{u}"), "post_attention_layernorm", True,
-                               "moe_in", e),
-                   ExpertGroup(f"expert{e}_out", (f"{p}.{d}",), f"{p}.{u}", False, "moe_out", e)]
+        groups += [Group(f"expert{e}_in", (f"{p}.{g}", f"{p}.{u}"), "post_attention_layernorm", True, stage="moe_in",
+                         expert=e),
+                   Group(f"expert{e}_out", (f"{p}.{d}",), f"{p}.{u}", False, stage="moe_out", expert=e)]
     if arch.shared:
         p = f"{b}.shared_expert"
-        groups += [ExpertGroup("shared_in", (f"{p}.gate_proj", f"{p}.up_proj"), "post_attention_layernorm", True,
-                               "moe_in", -1),
-                   ExpertGroup("shared_out", (f"{p}.down_proj",), f"{p}.up_proj", False, "moe_out", -1)]
+        groups += [Group("shared_in", (f"{p}.gate_proj", f"{p}.up_proj"), "post_attention_layernorm", True,
+                         stage="moe_in", expert=-1),
+                   Group("shared_out", (f"{p}.down_proj",), f"{p}.up_proj", False, stage="moe_out", expert=-1)]
     if arch.model_type != "mixtral":
         groups += [x for x in base.groups if x.name.startswith("mlp")]
     return dataclasses.replace(base, arch=arch.model_type, groups=tuple(groups), mlp_kind="moe")
@@ -210,7 +203,8 @@ def expert_of(lmap, linear: str) -> int | None:
         g = lmap.group_of(linear)
     except KeyError:
         return None
-    return g.expert if isinstance(g, ExpertGroup) and g.expert >= 0 else None
+    e = getattr(g, "expert", None)
+    return e if e is not None and e >= 0 else None
 
 
 def check_passes(lmap, pass_names) -> None:
@@ -240,14 +234,14 @@ def note_expert(ctx, linear: str, tokens: int, fallback: bool) -> None:
 # ---- fused on-disk layout -----------------------------------------------------------------------------------------
 
 
-class FusedExpertsView(WeightSource):
-    """`WeightSource` over a checkpoint saved in transformers' fused layout (``mlp.experts.gate_up_proj
-    [E, 2I, H]`` gate rows first, ``mlp.experts.down_proj [E, H, I]``; Mixtral also ``mlp.gate``) that presents
-    the per-expert names `SparseMoE` expects. Keeps the last fused tensor read (one layer's worth)."""
+class FusedExpertsView:
+    """A `ptq.model_io.WeightSource` (keys / get / in) over a checkpoint saved in transformers' fused layout
+    (``mlp.experts.gate_up_proj [E, 2I, H]`` gate rows first, ``mlp.experts.down_proj [E, H, I]``; Mixtral also
+    ``mlp.gate``) that presents the per-expert names `SparseMoE` expects. Keeps the last fused tensor read."""
 
     FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
-    def __init__(self, inner: WeightSource, arch: MoEArch, num_experts: int):
+    def __init__(self, inner, arch: MoEArch, num_experts: int):
         self.inner, self.arch = inner, arch
         self._map: dict[str, tuple[str, int | None, int | None]] = {}  # our key -> (inner key, expert, half)
         g, u, d = arch.names
@@ -273,7 +267,7 @@ class FusedExpertsView(WeightSource):
         self._cache: tuple[str, torch.Tensor] | None = None
 
     @classmethod
-    def applies(cls, source: WeightSource) -> bool:
+    def applies(cls, source) -> bool:
         return any(k.endswith("." + cls.FUSED[0]) for k in source.keys())
 
     def keys(self):
@@ -301,7 +295,7 @@ class FusedExpertsView(WeightSource):
         return getattr(self.inner, attr)
 
 
-def per_expert_source(config, source: WeightSource) -> WeightSource:
+def per_expert_source(config, source):
     """``source`` itself, or a `FusedExpertsView` of it when the checkpoint stores fused experts."""
     arch = moe_arch(config)
     if arch is None or not FusedExpertsView.applies(source):
