@@ -168,3 +168,44 @@ def test_rejects_non_rope_and_bad_options(tiny_models):
         CSKVConfig(k_bits=1)
     with pytest.raises(ValueError):
         CSKVConfig(k_density=0.0)
+
+
+def test_keep_keys_decode_equals_emulated_and_counts_bytes(tiny_models):
+    """keep_keys: decode reads the kept RoPE'd keys (only new windows rebuilt); same logits as the emulated pass
+    (fp32 store: exact up to GEMM order); the kept keys are counted in the cache bytes."""
+    model = _converted(tiny_models["llama-gqa"], k_density=0.5, v_density=0.5, window=8, k_bits=4, v_bits=4,
+                       store_dtype="float32", keep_keys=True)
+    ids = torch.randint(2, 300, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        emu = model(input_ids=ids).logits
+    dec, cache = _decode(model, ids, prefill=13)
+    torch.testing.assert_close(dec, emu, atol=1e-3, rtol=0)
+    kept = cache.layers[0].t["k_kept"]
+    assert kept.shape == (1, 2, 24, 16)  # 3 finished windows of 8 tokens, n_kv 2, d 16
+    model.cskv_config.keep_keys = False
+    for m in model.modules():
+        if hasattr(m, "ccfg"):
+            m.ccfg = model.cskv_config
+    _, cache2 = _decode(model, ids, prefill=13)
+    assert "k_kept" not in cache2.layers[0].t
+    assert cache.nbytes() - cache2.nbytes() == 2 * 24 * 2 * 16 * 4  # 2 layers x kept fp32 keys
+
+
+def test_quantization_aware_fit_lowers_quantized_error():
+    """With the cache quantizer in the loss (STE), the error measured through the quantizer is lower than that
+    of the plain fit, at 3-bit K (per channel over windows) and 2-bit V (per token groups); the STE passes gradients."""
+    from ptq.kv.cskv import fake_quant_ste
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 48, generator=g)
+    x = torch.randn(2048, 48, generator=g) * torch.logspace(-1, 1, 48)
+    a8, b8 = asvd_factors(w, 12, x.abs().mean(0))
+    for quant in ({"bits": 3, "axis": "channel", "window": 32}, {"bits": 2, "axis": "token", "group": 6}):
+        c = x[:64] @ a8.t()
+        cq = fake_quant_ste(c.clone().requires_grad_(), **quant)
+        assert (cq - c).abs().max() > 0  # really quantizes
+        cq.sum().backward()  # straight-through: the gradient flows
+        af, bf, _, _ = fit_factors(w, a8, b8, x, steps=150, seed=0)
+        aq, bq, _, e_qat = fit_factors(w, a8, b8, x, steps=150, seed=0, quant=quant)
+        e_plain = recon_error(w, af, bf, x, quant)
+        assert recon_error(w, aq, bq, x, quant) < e_plain, quant

@@ -44,6 +44,8 @@ class CSKVConfig:
     v_bits: int = 16
     store_dtype: str = "float16"  # dtype of the exact window and of 16-bit features
     exact_prefill: bool = False  # True: a first multi-token forward attends exactly (reference prefill)
+    keep_keys: bool = False  # True: keep RoPE'd reconstructed keys of finished windows (store_dtype, counted in
+    #                          the cache bytes): decode then rebuilds no past key; False: rebuild them each step
 
     def __post_init__(self):
         if not (0 < self.k_density <= 1 and 0 < self.v_density <= 1):
@@ -249,14 +251,21 @@ class CSKVAttention(nn.Module):
         else:
             raise TypeError(f"CSKV attention needs a ptq.kv.cskv_cache.CSKVCache, got {type(past_key_values).__name__}; "
                             "pass past_key_values=make_cache(model) or use_cache=False")
-        view = layer.append(k, v, self.k_proj_a(x), self.v_proj_a(x), pos)
-        nr = view.rec_ck.shape[1]
+        keep = self.ccfg.keep_keys and isinstance(past_key_values, CSKVCache)
+        view = layer.append(k, v, self.k_proj_a(x), self.v_proj_a(x), pos, load_k=not keep)
+        nr = view.rec_cv.shape[1]
         cos_all, sin_all = self._cos_sin(x, view.pos)
-        k_rec = self.k_proj_b(view.rec_ck)
+        if keep:
+            k_rec = self._kept_keys(layer, view, cos_all, sin_all, x.dtype)
+        else:
+            k_rec = self._rebuild_keys(view.rec_ck, cos_all[:, :nr], sin_all[:, :nr])
+        plain = attention_mask is None or bool((attention_mask if attention_mask.dtype == torch.bool
+                                                else attention_mask == 0).all())
+        if q == 1 and plain and not (exact_prefill and view.past == 0):
+            return self._decode(query, k_rec, view, cos_all, sin_all), None
         v_rec = self.v_proj_b(view.rec_cv)
-        if self.k_proj.bias is not None:
-            k_rec, v_rec = k_rec + self.k_proj.bias, v_rec + self.v_proj.bias
-        k_rec = _rope(k_rec.view(b, nr, nkv, d).transpose(1, 2), cos_all[:, :nr], sin_all[:, :nr])
+        if self.v_proj.bias is not None:
+            v_rec = v_rec + self.v_proj.bias
         v_rec = v_rec.view(b, nr, nkv, d).transpose(1, 2)
         k_ex = _rope(view.ex_k, cos_all[:, view.ex_start:], sin_all[:, view.ex_start:])
         m_rec, m_ex = view.branch_masks(exact_prefill)
@@ -269,6 +278,47 @@ class CSKVAttention(nn.Module):
         vals = _repeat_kv(torch.cat([v_rec, view.ex_v], 2), self.num_key_value_groups)
         out = F.scaled_dot_product_attention(query, keys, vals, attn_mask=mask, scale=self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1)), None
+
+    def _rebuild_keys(self, ck, cos, sin):
+        """``RoPE(B_k c_k + b_k)`` for features ``ck [b, n, r_k]`` at ``cos/sin [b, n, d]`` -> ``[b, n_kv, n, d]``."""
+        b, n, _ = ck.shape
+        k = self.k_proj_b(ck)
+        if self.k_proj.bias is not None:
+            k = k + self.k_proj.bias
+        return _rope(k.view(b, n, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+
+    def _kept_keys(self, layer, view, cos_all, sin_all, dtype):
+        """Keys of the compressed branch kept in the layer (``k_kept``, store dtype): only windows finished since
+        the last step are dequantized, re-projected and rotated."""
+        kept = layer.t.get("k_kept")
+        have = 0 if kept is None else kept.shape[2]
+        nr = view.rec_cv.shape[1]
+        if nr > have:
+            ck = layer._load_k(self.k_proj_a.out_features, dtype, start=have)
+            new = self._rebuild_keys(ck, cos_all[:, have:nr], sin_all[:, have:nr]).to(layer.store_dtype)
+            layer.t["k_kept"] = kept = new if kept is None else torch.cat([kept, new], 2)
+        return kept.to(dtype)
+
+    def _decode(self, query, k_rec, view, cos_all, sin_all):
+        """One query token per sequence: attention per KV head (no repeat_kv) over the compressed keys
+        ``[0, E)`` and the exact window ``[E, T)``; values of the compressed branch stay low-rank:
+        ``sum_j p_j (B_v c_j + b_v) = B_v (sum_j p_j c_j) + (sum_j p_j) b_v`` (no past value is rebuilt)."""
+        b, H, _, d = query.shape
+        nkv, G, E = self.n_kv, self.num_key_value_groups, view.ex_start
+        qg = query.view(b, nkv, G, d)
+        k_ex = _rope(view.ex_k, cos_all[:, E:], sin_all[:, E:])
+        s = torch.cat([torch.matmul(qg, k_rec[:, :, :E].transpose(-1, -2)),
+                       torch.matmul(qg, k_ex.transpose(-1, -2))], -1) * self.scaling
+        p = torch.softmax(s, -1, dtype=torch.float32).to(query.dtype)
+        p_rec, p_ex = p[..., :E], p[..., E:]
+        out = torch.matmul(p_ex, view.ex_v)  # [b, nkv, G, d]
+        if E > 0:
+            pc = torch.matmul(p_rec, view.rec_cv[:, None, :E])  # [b, nkv, G, r_v]
+            bv = self.v_proj_b.weight.view(nkv, d, -1)  # [nkv, d, r_v]
+            out = out + torch.matmul(pc, bv.transpose(-1, -2)[None])
+            if self.v_proj.bias is not None:
+                out = out + p_rec.sum(-1, keepdim=True) * self.v_proj.bias.view(nkv, 1, d)
+        return self.o_proj(out.reshape(b, 1, H * d))
 
     def _dense(self, query, k, v, attention_mask, q):
         keys = _repeat_kv(k, self.num_key_value_groups)

@@ -74,7 +74,7 @@ class DSLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, channels: torch.Tensor | None, label_bits: int = 16):
         super().__init__()
@@ -193,8 +193,11 @@ class DSLayer(CacheLayerMixin):
             if t is not None:
                 setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("the Double Sparsity cache cannot be cropped")
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop that many from the end); buffers keep capacity."""
+        if max_length < 0:
+            max_length = self.n + max_length
+        self.n = max(0, min(self.n, max_length))
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
