@@ -435,3 +435,24 @@ def asymptotic_bytes_per_token(ccfg: CSKVConfig, config) -> float:
     k = part(d["r_k"], ccfg.k_bits, d["r_k"] * 4 / ccfg.window)  # fp16 scale + fp16 min per channel per window
     v = part(d["r_v"], ccfg.v_bits, d["n_kv"] * 4)  # per token per head group
     return L * (k + v)
+
+
+def expected_cache_bytes(ccfg: CSKVConfig, config, n_tokens: int) -> int:
+    """Bytes a `CSKVCache` holds after ``n_tokens`` tokens (batch 1), from the layout alone: per layer,
+    ``Nr = floor(T/W)*W`` tokens in the compressed branch (`asymptotic_bytes_per_token` per token, or fp features),
+    ``T - Nr`` window tokens with exact K/V and their features in ``store_dtype``, and with ``keep_keys`` the
+    reconstructed keys of the ``Nr`` tokens in ``store_dtype``."""
+    d = ccfg.dims(config)
+    es = DTYPES[ccfg.store_dtype].itemsize
+    w = ccfg.window
+    nr = (n_tokens // w) * w
+    res = n_tokens - nr
+
+    def part(r, bits, meta):
+        return nr * r * es if bits == 16 else nr * math.ceil(r * bits / 8) + meta
+
+    k = part(d["r_k"], ccfg.k_bits, (nr // w) * d["r_k"] * 4)
+    v = part(d["r_v"], ccfg.v_bits, nr * (d["r_v"] // d["gv"]) * 4)
+    window = res * (2 * d["n_kv"] * d["d"] + d["r_k"] + d["r_v"]) * es
+    kept = nr * d["n_kv"] * d["d"] * es if ccfg.keep_keys else 0
+    return config.num_hidden_layers * (k + v + window + kept)

@@ -90,8 +90,13 @@ class CSKVPass(Pass):
         stats = {}
         for kind, r in (("k", self.dims["r_k"]), ("v", self.dims["r_v"])):
             w = ctx.module(f"self_attn.{kind}_proj").weight.data.float()
-            a, b = asvd_factors(w, r, act_mean if o.init == "asvd" else None, o.alpha)
             bits = o.k_bits if kind == "k" else o.v_bits
+            if r == w.shape[0]:  # density 1: quantization only, the cache holds K (or V) itself
+                ctx.extra[names[f"{kind}_proj_a"]] = w.to(ctx.module(f"self_attn.{kind}_proj").weight.dtype).clone()
+                ctx.extra[names[f"{kind}_proj_b"]] = torch.eye(r, dtype=ctx.extra[names[f"{kind}_proj_a"]].dtype)
+                stats[f"cskv.{kind}.err_init"] = stats[f"cskv.{kind}.err_fit"] = 0.0
+                continue
+            a, b = asvd_factors(w, r, act_mean if o.init == "asvd" else None, o.alpha)
             quant = None
             if o.qat and bits < 16:
                 quant = ({"bits": bits, "axis": "channel", "window": o.window} if kind == "k"
