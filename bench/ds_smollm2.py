@@ -14,8 +14,8 @@ the prompt ends with "... The pass key for NAME is" and 8 tokens are decoded gre
 appears. "runtime" = generate() with the DSCache (dense prefill, label-cache sparse decode, SGLang style);
 "all" = sparse prefill and decode through the accuracy-study path (a DynamicCache is passed).
 
-    python bench/ds_smollm2.py --labels smollm2-ds --part ppl --windows 2
-    python bench/ds_smollm2.py --labels smollm2-ds --part retrieval --lengths 1024 --heavy 16 --trials 8
+    python bench/ds_smollm2.py --labels out/smollm2-ds --part ppl --windows 2
+    python bench/ds_smollm2.py --labels out/smollm2-ds --part retrieval --lengths 1024 --heavy 16 --trials 8
 
 Rows go to ``bench/results/ds_smollm2_ppl.jsonl`` and ``ds_smollm2_retrieval.jsonl``.
 """
