@@ -139,7 +139,8 @@ def main():
                 subprocess.run([a.peer_python, "-c", ORT_RUN, str(d), json.dumps(ids), str(npy)], check=True)
                 row[f"max_abs_hidden_diff_{tag}"] = float(np.abs(np.load(npy) - ref).max())
         print(json.dumps(row))
-        append("ortgenai_builder", row)
+        args = " ".join("$PEER_VENV/bin/python" if x == a.peer_python else x for x in sys.argv[1:])
+        append("ortgenai_builder", row, command=f"python bench/ortgenai_builder.py {args}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
