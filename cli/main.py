@@ -55,6 +55,9 @@ def compress(
     dtype: str = typer.Option("float32", help="compute dtype: float32 | float16 | bfloat16"),
     store_dtype: str = typer.Option("auto", "--store-dtype", help="dtype of unquantized tensors in the output "
                                     "(embeddings, norms, biases): auto = as in the checkpoint | float16 | ..."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="--format onnx: MatMulNBits accuracy_level; "
+                                       "4 (default) = int8 activations in the kernel, fast, changes the output; "
+                                       "0 = fp32, the quantized model exactly (docs/onnx.md)"),
     embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="also quantize embeddings / lm_head "
                                              "(8 or 4; compressed-tensors and onnx only, see docs/formats.md)"),
     eval_text: Optional[str] = typer.Option(None, "--eval-text", help="text file for perplexity/KL/top-1 after export"),
@@ -81,6 +84,10 @@ def compress(
                            store_dtype=store_dtype, embed_bits=None if onnx else embed_bits)
     if onnx and embed_bits not in (None, 4, 8):
         fail(f"--embed-bits for ONNX must be 4 or 8, got {embed_bits}")
+    if accuracy_level not in range(5):
+        fail(f"--accuracy-level must be 0..4, got {accuracy_level}")
+    if accuracy_level != 4 and not onnx:
+        fail("--accuracy-level applies to --format onnx only")
     try:
         if out is None:
             from ptq.compress import default_out_dir
@@ -101,7 +108,7 @@ def compress(
 
         tmp_onnx = out / ".onnx-partial"
         try:
-            export_onnx_dir(out, tmp_onnx, embed_bits=embed_bits)
+            export_onnx_dir(out, tmp_onnx, accuracy_level=accuracy_level, embed_bits=embed_bits)
         except (ValueError, RuntimeError, NotImplementedError) as e:
             shutil.rmtree(tmp_onnx, ignore_errors=True)
             fail(f"ONNX export failed: {e} (the compressed checkpoint is complete in {out}; "
