@@ -44,6 +44,7 @@ class CompressOptions:
     bits: int | None = None
     group_size: int | None = None
     sym: bool | None = None
+    clip: str | None = None  # none | mse | octav
     act_bits: int | None = None
     format: str | None = None
     calib: str | None = None
@@ -73,7 +74,7 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     except ValueError as e:
         raise UsageError(str(e)) from e
     d = recipe.defaults
-    for k in ("bits", "group_size", "sym", "act_bits", "format"):
+    for k in ("bits", "group_size", "sym", "clip", "act_bits", "format"):
         v = getattr(opts, k)
         if v is not None:
             setattr(d, k, v)
@@ -96,7 +97,7 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
             for _, o in recipe.passes:
                 o.quantize = False
             d.bits, d.format = 8, "fp"  # placeholder spec (QuantSpec needs 2..8); nothing is quantized
-        spec = QuantSpec(bits=d.bits, group_size=d.group_size, sym=d.sym, mse=d.mse)
+        spec = QuantSpec(bits=d.bits, group_size=d.group_size, sym=d.sym, mse=d.mse, clip=d.clip)
     except ValueError as e:
         raise UsageError(str(e)) from e
     for pname, popts in opts.pass_options.items():

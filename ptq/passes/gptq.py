@@ -59,7 +59,7 @@ def _inverse_factor(H: torch.Tensor, damp: float, max_tries: int = 4) -> tuple[t
 
 def _qparams_cols(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """scale, zero ``[N]`` for a column block ``w [N, g]`` (one group)."""
-    s, z = compute_qparams(w, QuantSpec(spec.bits, -1, spec.sym, spec.mse))
+    s, z = compute_qparams(w, QuantSpec(spec.bits, -1, spec.sym, spec.mse, spec.clip))
     return s[:, 0], z[:, 0]
 
 
