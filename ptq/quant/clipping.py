@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from ptq.quant.grid import minmax_qparams
+
 CLIP_MODES = ("none", "mse", "octav")
 
 
@@ -107,8 +109,6 @@ def octav_asymmetric(x: torch.Tensor, bits: int, valid: torch.Tensor | None = No
 def _group_error(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool, norm: float,
                  valid: torch.Tensor | None) -> torch.Tensor:
     """``sum |w - Q(w)|^norm`` per group for the grid of range ``(lo, hi)``; ``wg [N, G, gs]`` -> ``[N, G]``."""
-    from ptq.quant.primitives import minmax_qparams
-
     s, z = minmax_qparams(lo, hi, bits, sym)
     q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, 2**bits - 1)
     e = (s[..., None] * (q - z[..., None]) - wg).abs() ** norm

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ptq.quant.clipping import CLIP_MODES, clip_range
+from ptq.quant.grid import minmax_qparams  # noqa: F401  (re-exported: part of the primitives' API)
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -32,8 +35,6 @@ class QuantSpec:
     clip: str = "none"  # clipping-range search: none | mse | octav (ptq.quant.clipping)
 
     def __post_init__(self):
-        from ptq.quant.clipping import CLIP_MODES
-
         if self.clip not in CLIP_MODES:
             raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {self.clip!r}")
         if self.mse and self.clip not in ("none", "mse"):
@@ -74,25 +75,6 @@ def _pad_groups(w: torch.Tensor, gs: int) -> torch.Tensor:
     return w.reshape(n, g, gs)
 
 
-def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool):
-    """Scale and (float, integral) zero from ranges. Shapes broadcast; returns ``(scale, zero)``."""
-    maxq = 2**bits - 1
-    xmin = torch.clamp(xmin, max=0)
-    xmax = torch.clamp(xmax, min=0)
-    if sym:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
-    dead = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
-    xmax = torch.where(dead, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        zero = torch.round(-xmin / scale)
-    return scale, zero
-
-
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero for ``w [N, K]`` -> ``scale [N, G]`` fp32, ``zero [N, G]`` fp32 (integral values).
 
@@ -100,8 +82,6 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     it by ``p in {1, 0.99, ..., 0.2}`` to minimize ``sum |w - Q(w)|^2.4`` (GPTQ's grid=100, maxshrink=0.8,
     norm=2.4); ``octav`` takes OCTAV's MSE-optimal fixed point.
     """
-    from ptq.quant.clipping import clip_range
-
     w = w.float()
     gs = spec.gsize(w.shape[1])
     wg = _pad_groups(w, gs)
