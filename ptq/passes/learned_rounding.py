@@ -145,7 +145,7 @@ class LearnedRoundingPass(Pass):
                           self.spec)
             gp.keep_updated = True
             gp.apply(ctx)
-            return gp.updated
+            return getattr(gp, "updated", {})
         from ptq.passes.rtn import RTNPass
 
         RTNPass(None, self.spec).apply(ctx)
