@@ -46,14 +46,29 @@ CASES = {  # name: (weight bits, sym, group size, act granularity, passes, skipp
 }
 
 
+@pytest.fixture(scope="module")
+def exports(tiny_models, tmp_path_factory):
+    """case -> compressed-tensors folder, compressed once per module."""
+    root = tmp_path_factory.mktemp("act")
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            bits, sym, gs, gran, passes, skip, _ = CASES[case]
+            out = root / case
+            compress(CompressOptions(model=str(tiny_models["llama"]), out=str(out),
+                                     recipe=_recipe(root, case, bits, sym, gs, 8, gran, passes, skip)))
+            cache[case] = out
+        return cache[case]
+    return get
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_ct_activation_quant_runs_in_transformers(tiny_models, tmp_path, ids, case):
+def test_ct_activation_quant_runs_in_transformers(exports, ids, case):
     """The compressed-tensors export carries ``input_activations``; transformers + compressed-tensors executes
     them and its logits equal ptq's fake-quant model of the same artifact."""
     bits, sym, gs, gran, passes, skip, wfmt = CASES[case]
-    out = tmp_path / "ct"
-    compress(CompressOptions(model=str(tiny_models["llama"]), out=str(out),
-                             recipe=_recipe(tmp_path, case, bits, sym, gs, 8, gran, passes, skip)))
+    out = exports(case)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     g0 = qc["config_groups"]["group_0"]
     assert qc["format"] == wfmt and g0["format"] == wfmt
@@ -68,12 +83,38 @@ def test_ct_activation_quant_runs_in_transformers(tiny_models, tmp_path, ids, ca
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    lin = m.model.layers[1].self_attn.q_proj
-    assert lin.quantization_scheme.input_activations is not None
+    assert m.model.layers[1].self_attn.q_proj.quantization_scheme.input_activations is not None
+    down = m.model.layers[1].mlp.down_proj.quantization_scheme
+    assert (down.input_activations is None) == bool(skip)
     with torch.no_grad():
         got = m(ids).logits
     err = (got - ours).abs().max().item()
     assert err < 1e-4 * max(1.0, ours.abs().max().item()), err
+
+
+@pytest.mark.parametrize("case,tol", [("w8a8-token-asym", 1e-5), ("w8a8-tensor-asym", 1e-5),
+                                      ("w4a8-tensor-sym-dpfp", 2e-2)])
+def test_onnx_activation_quant_matches(exports, tmp_path, case, tol):
+    """ONNX: the calibrated activation quantizers are in the graph (W8A8: MatMulInteger with per-token /
+    static scales; W4A8: quantized input into MatMulNBits) and onnxruntime matches ptq's fake-quant model.
+    W4A8 tolerance: fp32 summation order in MatMulNBits can flip a rounding of a later activation quantizer
+    (one activation step); W8A8 is exact to fp32 rounding."""
+    from cli.export_cmd import export_onnx_dir
+
+    out = exports(case)
+    rep = export_onnx_dir(out, tmp_path / "onnx", accuracy_level=4)
+    kern = "MatMulInteger" if case.startswith("w8a8") else "MatMulNBits"
+    n_quant = 14 - (2 if "dpfp" in case else 0)
+    assert sum(1 for v in rep["act_quant"].values() if v == kern) == n_quant == len(rep["act_quant"])
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    assert sum(1 for n in proto.graph.node if n.op_type == "Round" and "/act_" in n.name) >= n_quant // 7
+    v = rep["validation"]
+    assert v["max_abs_logit_diff_acc0"] < tol * v["logit_abs_max"], v
+    assert v["top1_agreement_acc0"] == 1.0
+    if case.startswith("w8a8"):  # integer kernel: no accuracy-level drift
+        assert v["max_abs_logit_diff_exported"] < tol * v["logit_abs_max"] and v["greedy_match_exported"]
 
 
 def test_ct_refuses_what_it_cannot_run(tiny_models, tmp_path):
