@@ -228,6 +228,12 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     except (ModelInputError, ValueError) as e:
         raise UsageError(str(e)) from e
     check_output(out, sm.folder, opts.force)
+    from ptq import moe
+
+    try:
+        moe.check_passes(sm.lmap, [n for n, _ in recipe.passes])
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     for path in sm.lmap.embed:  # already materialized by open(); later reads go through FiniteSource
         for name, p in get_module(sm.model, path).named_parameters():
             check_finite(f"{path}.{name}", p.data)
