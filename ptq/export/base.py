@@ -26,13 +26,6 @@ STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def storage_dtype(config) -> torch.dtype:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else torch.float32
-
-
 def checkpoint_dtype(sm: StreamingModel) -> torch.dtype:
     """The dtype the source checkpoint stores its floating tensors in: the most common one in the safetensors
     headers, else config.json's ``dtype`` / ``torch_dtype`` as written on disk, else float32. (The in-memory
