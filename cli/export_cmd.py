@@ -122,6 +122,7 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
                     validate: bool = True, embed_bits: int | None = None) -> dict:
     """`ptq compress --format onnx` / `ptq export`: compressed folder -> ONNX folder (+ config/tokenizer files)."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    _refuse_moe(Path(compressed_dir))
     model, qweights, rep = load_compressed(Path(compressed_dir))
     act_bits = (rep.get("defaults") or {}).get("act_bits")
     mode = "qdq" if qdq else "w8a8" if act_bits == 8 else "nbits"
@@ -150,6 +151,19 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
             shutil.copy2(Path(compressed_dir) / f, Path(out_dir) / f)
     (Path(out_dir) / "onnx_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _refuse_moe(compressed_dir: Path) -> None:
+    """The graph export cannot trace data-dependent expert routing (docs/architectures.md)."""
+    from ptq import moe
+
+    try:
+        mt = json.loads((compressed_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    if mt in moe.ARCHS:
+        raise ValueError(f"ONNX export does not support mixture-of-experts models ({mt}); use the gptq or "
+                         "compressed-tensors checkpoint (see docs/architectures.md)")
 
 
 def register(app) -> None:
