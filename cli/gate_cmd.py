@@ -34,7 +34,7 @@ def gate(
                                                    "model (same architecture and tokenizer still required)"),
 ):
     """Evaluate COMPRESSED against a baseline and fail (exit 1) when a threshold is crossed."""
-    from cli.main import fail
+    from cli.common import fail
     from ptq.gate import GateInputError, Thresholds, check, gate_report, load_baseline, measure
     from ptq.gate import save_baseline as write_baseline
     from ptq.model_io import ModelInputError

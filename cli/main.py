@@ -11,16 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.common import console, fail  # noqa: F401  (console: re-exported for callers of cli.main)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training compression of LLMs.")
-console = Console(stderr=True)
-
-
-def fail(msg: str, code: int = 2):
-    """One ``error:`` line on stderr (whitespace collapsed, so a wrapped library message stays one line)."""
-    from rich.markup import escape
-
-    console.print(f"[red]error:[/red] {escape(' '.join(str(msg).split()))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _parse_set(items: list[str]) -> dict:

@@ -22,10 +22,11 @@ from ptq.layermap import get_module
 from ptq.manifest import build_manifest, ptq_version, write_manifest
 from ptq.model_io import ModelInputError, StreamingModel, WeightSource, dir_size, tokenizer_for
 from ptq.passes import get_pass_class
-from ptq.pipeline import compress_loop
+from ptq.pipeline import StageClock, compress_loop
 from ptq.quant.primitives import QuantSpec
-from ptq.resume import FINGERPRINT_KIND, Checkpointer, fingerprint, is_state_file, model_fingerprint, not_resumable, partial_dir
 from ptq.outlock import OutputLock, OutputLocked
+from ptq.resume import (FINGERPRINT_KIND, Checkpointer, fingerprint, is_state_file, model_fingerprint, not_resumable,
+                        partial_dir)
 from ptq.recipes import Recipe, load_recipe, override_options
 from ptq.validate import (UsageError, check_compress_options, check_model, check_output_location, is_disk_full,
                           model_identity)
@@ -62,6 +63,12 @@ class CompressOptions:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
@@ -209,11 +216,13 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     crash keeps it so ``--resume`` continues from the last finished layer.
     """
     t0 = time.time()
+    clock = StageClock()
     recipe, spec = resolve_settings(opts)
     check_compress_options(opts, recipe)
     try:
-        sm = StreamingModel.open(opts.model, dtype=DTYPES[opts.dtype], device=opts.device,
-                                 allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
+        with clock("load"):
+            sm = StreamingModel.open(opts.model, dtype=DTYPES[opts.dtype], device=opts.device,
+                                     allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
     except (ModelInputError, ValueError) as e:
         raise UsageError(str(e)) from e
     out = check_output_location(opts.out, request_inputs(opts, sm), opts.force)
@@ -229,7 +238,8 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         try:
             tok = tokenizer_for(sm.folder, opts.trust_remote_code)
             c = recipe.calibration
-            calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed)
+            with clock("load"):
+                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed)
         except (CalibrationError, ModelInputError) as e:
             raise UsageError(str(e)) from e
     if opts.eval_text:  # checked now, not after an hour of compression
@@ -266,7 +276,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         raise UsageError(f"cannot lock {out}: {e.strerror}; choose another --out") from e
     try:
         return _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                           progress)
+                           progress, clock)
     except UsageError:
         if not partial_dir(out).exists():  # refused before anything was written (a kept partial stays)
             _remove_created(created)
@@ -276,7 +286,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
 
 
 def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                progress) -> dict:
+                progress, clock) -> dict:
     """The part of `compress` that runs while holding the output lock (ptq.outlock)."""
     if out.exists() and not opts.force:  # another run finished it while we were validating
         raise UsageError(f"output folder {out} already exists; pass --force to replace it")
@@ -322,12 +332,13 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
             ckpt.save(i, n_layers, batches, writer, stats, passes)
 
         loop = compress_loop(sm, passes, calib_ids, spec, writer, progress=progress, start_layer=start,
-                             on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore)
-        writer.write_nonlayer()
-        writer.finalize(loop.artifacts)
-        write_manifest(tmp, build_manifest(tmp, layers=loop.layer_stats, **{k: info[k] for k in (
-            "recipe", "spec", "format", "dtype", "model_name", "model_fingerprint", "calibration")},
-            model_identity=info["model_identity"]))
+                             on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore, clock=clock)
+        with clock("write"):
+            writer.write_nonlayer()
+            writer.finalize(loop.artifacts)
+            write_manifest(tmp, build_manifest(tmp, layers=loop.layer_stats, **{k: info[k] for k in (
+                "recipe", "spec", "format", "dtype", "model_name", "model_fingerprint", "calibration")},
+                model_identity=info["model_identity"]))
         t_compress = time.time() - t0
         report = {
             "recipe": recipe.name, "spec": dataclasses.asdict(spec),
@@ -342,8 +353,11 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
             "layers": loop.layer_stats,
         }
         if opts.eval_text:
-            report["eval"] = evaluate_pair(str(tmp), opts.model, opts.eval_text, opts.eval_seqlen,
-                                           opts.eval_windows, opts.dtype)
+            with clock("eval"):
+                report["eval"] = evaluate_pair(str(tmp), opts.model, opts.eval_text, opts.eval_seqlen,
+                                               opts.eval_windows, opts.dtype)
+        report["stages"] = clock.to_dict()
+        report["cpu_seconds"] = round(cpu_seconds(), 2)
         report["peak_rss_bytes"] = peak_rss_bytes()
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         ckpt.clear()
