@@ -87,6 +87,14 @@ def write(rel: str, content: str | bytes):
     return f
 
 
+def sparse(rel: str, size: int):
+    """A file of ``size`` bytes that takes no disk space (bounded-read checks look at the size first)."""
+    def f(w: Path):
+        with open(w / rel, "wb") as fh:
+            fh.truncate(size)
+    return f
+
+
 def edit_config(rel: str, **kw):
     def f(w: Path):
         p = w / rel / "config.json"
@@ -406,6 +414,8 @@ CASES = [
          "is not a ptq gate baseline file", setup=edit_json("base.json", lambda d: d["topk"].__setitem__("k", "x"))),
     Case("gate-json-not-json", [*GATE, "--baseline-json", "{w}/text.txt", "--min-top1", "0.5"], 2,
          "is not a ptq gate baseline file"),
+    Case("gate-json-oversized", [*GATE, "--baseline-json", "{w}/huge.json", "--min-top1", "0.5"], 2,
+         "more than the 256 MiB ptq reads", setup=sparse("huge.json", (256 << 20) + 1)),
     Case("gate-json-other-text", [*GATE[:3], "{w}/t2.txt", *GATE[4:], "--baseline-json", "{w}/base.json",
                                   "--min-top1", "0.5"], 2, "different --text file",
          setup=write("t2.txt", "Another text entirely, long enough for four windows of text. " * 30)),
@@ -442,6 +452,8 @@ CASES = [
          setup=write("art/manifest.json", "{\"schema\": ")),
     Case("inspect-manifest-passes-garbage", ["inspect", "{w}/art"], 2, "manifest.json is malformed",
          setup=edit_manifest(lambda m: m["recipe"].__setitem__("passes", [1, 2]))),
+    Case("inspect-manifest-oversized", ["inspect", "{w}/art"], 2, "larger than 64 MiB",
+         setup=sparse("art/manifest.json", (64 << 20) + 1)),
     Case("inspect-not-a-folder", ["inspect", "{w}/text.txt"], 2, "is not a folder"),
     # --- export ----------------------------------------------------------------------------------------------------
     Case("export-format-unknown", ["export", "{w}/art", "--format", "tflite"], 2, "is not supported"),
