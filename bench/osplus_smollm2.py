@@ -6,8 +6,8 @@ Each config is compressed with the real layer loop into an fp checkpoint (DenseW
 ptq.model_io.full_model, the activation quantizers re-installed from config.json (load_act_quant), then
 evaluated with ptq.eval.metrics.model_metrics. Results are appended to a JSONL file; `--table` prints them.
 
-    .venv/bin/python bench/osplus_smollm2.py --configs os-scale-w4a4,naive-w4a4 --results bench/osplus.jsonl
-    .venv/bin/python bench/osplus_smollm2.py --table --results bench/osplus.jsonl
+    .venv/bin/python bench/osplus_smollm2.py --configs os-scale-w4a4,naive-w4a4
+    .venv/bin/python bench/osplus_smollm2.py --table
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def main():
     ap.add_argument("--sq-samples", type=int, default=8, help="calibration samples for SmoothQuant's absmax")
     ap.add_argument("--grid", type=int, default=16, help="OS+ t-grid steps (official: >= 100)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ptq_osplus_bench"))
-    ap.add_argument("--results", default=str(ROOT / "bench" / "osplus_smollm2.jsonl"))
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "osplus_smollm2.jsonl"),
+                    help="JSONL rows (with provenance: bench/results_log.py)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
@@ -154,8 +155,11 @@ def main():
     for name in names:
         res = run_config(name, args, model_dir, tok, calib, windows)
         print(json.dumps(res), flush=True)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from results_log import context
+
         with open(args.results, "a") as f:
-            f.write(json.dumps(res) + "\n")
+            f.write(json.dumps({"table": Path(args.results).stem, **res, **context()}) + "\n")
 
 
 if __name__ == "__main__":
