@@ -92,6 +92,10 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
         c.path = opts.calib
     if d.act_bits is not None and not 2 <= d.act_bits <= 16:
         raise UsageError(f"--act-bits must be in 2..16, got {d.act_bits}")
+    if d.act_bits is not None and any(n == "act-quant" for n, _ in recipe.passes) and d.format != "compressed-tensors":
+        raise UsageError(f"recipe {recipe.name!r} quantizes activations, which --format {d.format} cannot carry "
+                         "(its loaders would run the model weight-only); use --format compressed-tensors "
+                         "(transformers / vLLM run its input_activations) or --format onnx")
     try:
         if d.bits == 16:  # "16 bits" = no weight quantization, for passes with a `quantize` option (udfc)
             nq = [n for n, o in recipe.passes if not hasattr(o, "quantize")]
@@ -224,6 +228,12 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     except (ModelInputError, ValueError) as e:
         raise UsageError(str(e)) from e
     check_output(out, sm.folder, opts.force)
+    from ptq import moe
+
+    try:
+        moe.check_passes(sm.lmap, [n for n, _ in recipe.passes])
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     for path in sm.lmap.embed:  # already materialized by open(); later reads go through FiniteSource
         for name, p in get_module(sm.model, path).named_parameters():
             check_finite(f"{path}.{name}", p.data)
