@@ -322,7 +322,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         raise UsageError(f"cannot lock {out}: {e.strerror}; choose another --out") from e
     try:
         return _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                           progress, clock)
+                           progress, clock, calib_check)
     except UsageError:
         if not partial_dir(out).exists():  # refused before anything was written (a kept partial stays)
             _remove_created(created)
@@ -332,7 +332,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
 
 
 def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                progress, clock) -> dict:
+                progress, clock, calib_check) -> dict:
     """The part of `compress` that runs while holding the output lock (ptq.outlock)."""
     if out.exists() and not opts.force:  # another run finished it while we were validating
         raise UsageError(f"output folder {out} already exists; pass --force to replace it")
