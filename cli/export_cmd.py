@@ -168,9 +168,12 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
     report["quantized_at_export"] = extra
     if act_spec:
         report["act_quant_scheme"] = {k: act_spec[k] for k in ("bits", "granularity", "sym")}
+    from ptq.validate import side_file
+
     for f in COPY_FILES:
-        if (Path(compressed_dir) / f).exists():
-            shutil.copy2(Path(compressed_dir) / f, Path(out_dir) / f)
+        p = side_file(Path(compressed_dir), f)  # never through a link that leaves the folder
+        if p is not None:
+            shutil.copyfile(p, Path(out_dir) / f)
     (Path(out_dir) / "onnx_report.json").write_text(json.dumps(report, indent=2))
     return report
 
