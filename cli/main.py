@@ -79,8 +79,8 @@ def compress(
     onnx = fmt == "onnx"
     opts = CompressOptions(model=model, out=str(out) if out is not None else None, recipe=recipe, bits=bits,
                            group_size=group_size, sym=sym, clip=clip, act_bits=act_bits,
-                           format=None if onnx else fmt, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
-                           eval_text=eval_text, eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
+                           format=None if onnx else fmt, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           device=device, dtype=dtype, eval_text=eval_text, eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, pass_options=overrides, resume=resume,
                            store_dtype=store_dtype, embed_bits=None if onnx else embed_bits)
     if onnx and embed_bits not in (None, 4, 8):
@@ -102,6 +102,8 @@ def compress(
             report = run(opts, progress=prog.on_pass, on_layer=prog.on_layer)
     except UsageError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
     if onnx:
         from cli.export_cmd import export_onnx_dir
 
@@ -195,5 +197,22 @@ def _register_optional():
 
 _register_optional()
 
+
+def main() -> None:
+    """Console entry point. Exit codes: 0 ok, 1 regression / changed file, 2 bad input (one ``error:`` line),
+    3 internal error (a bug: traceback, then a note), 130 interrupted. Never 1 for a crash, which CI would
+    read as an accuracy regression."""
+    import traceback
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        print("ptq: internal error (exit 3); please report it with the traceback above", file=sys.stderr)
+        sys.exit(3)
+
+
 if __name__ == "__main__":
-    app()
+    main()
