@@ -124,14 +124,11 @@ def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baselin
     final = _stream_final(sm, w, bs)
     final_ref = _stream_final(ref, w, bs) if ref is not None else None
     acc = _Accumulator(False)
-    norm, head = sm.head()
-    if ref is not None:
-        rnorm, rhead = ref.head()
     top_ids, top_lp, agree, kl_k, pos = [], [], 0, 0.0, 0
     for j, b in enumerate(final):
         ids = w[j * bs:(j + 1) * bs]
-        logits = head(norm(b.hidden))
-        ref_logits = rhead(rnorm(final_ref[j].hidden)) if final_ref is not None else None
+        logits = sm.logits(b.hidden)
+        ref_logits = ref.logits(final_ref[j].hidden) if final_ref is not None else None
         acc.add(ids, logits, ref_logits)
         if ref_logits is not None and topk:
             lr = F.log_softmax(ref_logits[:, :-1].float(), -1).reshape(-1, ref_logits.shape[-1])

@@ -287,6 +287,16 @@ class StreamingModel:
             self._head_loaded = True
         return norm, lm_head
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Streamed head: final norm, lm_head and the family's final soft-capping (Gemma 2:
+        ``z <- c * tanh(z / c)``) on the last layer's output ``hidden [b, L, H]`` -> ``[b, L, V]``."""
+        norm, lm_head = self.head()
+        z = lm_head(norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z
+
     def nonlayer_keys(self) -> list[str]:
         lp = self.lmap.layers + "."
         return [k for k in self.source.keys() if not k.startswith(lp)]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ptq.model_io import StreamingModel, release
-from ptq.pipeline import Batch, capture_inputs, run_layer
+from ptq.pipeline import Batch, capture_inputs, for_layer, run_layer
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _stream_final(sm: StreamingModel, windows: torch.Tensor, batch_size: int, pr
     n = len(sm.layers)
     for i in range(n):
         layer = sm.load_layer(i)
-        batches = run_layer(layer, batches)
+        batches = run_layer(layer, for_layer(batches, i))
         release(layer)
         if progress:
             progress(i, n)
@@ -111,13 +111,10 @@ def stream_metrics(sm: StreamingModel, windows: torch.Tensor, ref: StreamingMode
     final = _stream_final(sm, windows, batch_size, progress)
     final_ref = _stream_final(ref, windows, batch_size, progress) if ref is not None else None
     acc = _Accumulator(skip_first)
-    norm, head = sm.head()
-    if ref is not None:
-        rnorm, rhead = ref.head()
     for j, b in enumerate(final):
         for r in range(b.hidden.shape[0]):  # one window at a time: logits [1, L, V] are the big tensors
             ids = windows[j * batch_size + r:j * batch_size + r + 1]
-            logits = head(norm(b.hidden[r:r + 1]))
-            ref_logits = rhead(rnorm(final_ref[j].hidden[r:r + 1])) if final_ref is not None else None
+            logits = sm.logits(b.hidden[r:r + 1])
+            ref_logits = ref.logits(final_ref[j].hidden[r:r + 1]) if final_ref is not None else None
             acc.add(ids, logits, ref_logits)
     return acc.result()
