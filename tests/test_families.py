@@ -99,3 +99,191 @@ def test_resume_into_sliding_layer_is_byte_identical(sliding, tmp_path):
     report = compress(opts(tmp_path / "q", resume=True))
     assert report["resumed_from_layer"] == 2
     assert _hashes(tmp_path / "q") == _hashes(tmp_path / "ref")
+
+
+# ---- every dense family ------------------------------------------------------------------------------------------
+
+KINDS = ["qwen2-sliding", "qwen3", "gemma2", "gemma3_text", "phi3"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streamed_forward_equals_transformers(family_models, kind):
+    """256-token inputs (8x the 32-token window of the sliding layers): max |logit diff| <= 1e-4 in fp32."""
+    from ptq.pipeline import capture_inputs
+
+    f = family_models[kind]
+    ids = ids_of(2, 256, seed=3)
+    with torch.no_grad():
+        ref = hf_model(f)(input_ids=ids).logits
+    out = streamed_logits(f, ids, batch_size=2)
+    assert ref.abs().max() > 1.0
+    diff = float((out - ref).abs().max())
+    assert diff <= 1e-4, diff
+    sm = StreamingModel.open(str(f))
+    types = getattr(sm.config, "layer_types", None) or ["full_attention"] * sm.config.num_hidden_layers
+    attn = capture_inputs(sm, ids[:1])[0].attn
+    # one kwargs set per attention type, bound to exactly the layers of that type
+    assert len(attn.variants) == len(set(types))
+    assert all((attn.of_layer[i] == attn.of_layer[j]) == (types[i] == types[j])
+               for i in range(len(types)) for j in range(len(types)))
+
+
+def _calib(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 30)
+    return p
+
+
+def _linears(sm) -> list[str]:
+    return [f"{sm.layer_prefix(i)}{n}" for i in range(len(sm.layers)) for n in sm.lmap.linears()]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rtn_and_gptq_end_to_end(family_models, tmp_path, kind):
+    """`compress()` with the rtn and gptq recipes to the GPTQ format: every linear of the layer map (fused ones as
+    the checkpoint has them) is stored quantized under its checkpoint name, and on the calibration text GPTQ's
+    dequantized model is closer to the original than RTN's (measured 3-6x lower logit MSE on these models)."""
+    from ptq.model_io import full_model, open_weights, tokenizer_for
+
+    f = family_models[kind]
+    calib = _calib(tmp_path)
+    sm = StreamingModel.open(str(f))
+    ids = tokenizer_for(f)(calib.read_text()[:300], return_tensors="pt").input_ids[:, :128]
+    with torch.no_grad():
+        ref = hf_model(f)(input_ids=ids).logits
+    mse = {}
+    for recipe in ("rtn", "gptq"):
+        out = tmp_path / recipe
+        rep = compress(CompressOptions(model=str(f), out=str(out), recipe=recipe, format="gptq", bits=4,
+                                       group_size=32, calib=str(calib), nsamples=2, seqlen=64))
+        assert len(rep["layers"]) == sm.config.num_hidden_layers
+        reader = open_weights(out)
+        names = _linears(sm)
+        assert all(reader.qweight(n) is not None for n in names), [n for n in names if reader.qweight(n) is None]
+        assert set(reader.keys()) == set(open_weights(f).keys())  # checkpoint names kept (fused, tied)
+        q, _ = full_model(out)
+        with torch.no_grad():
+            mse[recipe] = float((q(input_ids=ids).logits - ref).pow(2).mean())
+    assert 0 < mse["gptq"] < 0.6 * mse["rtn"], mse
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rtn_compressed_tensors_loads_in_transformers(family_models, tmp_path, kind):
+    """RTN -> compressed-tensors export; transformers (compressed-tensors) loads it and its logits equal those of
+    our dequantized model."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from ptq.model_io import full_model
+
+    out = tmp_path / "ct"
+    compress(CompressOptions(model=str(family_models[kind]), out=str(out), recipe="rtn", format="compressed-tensors",
+                             bits=4, group_size=32, sym=False))
+    ours, _ = full_model(out)
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    ids = ids_of(1, 96, seed=5)
+    with torch.no_grad():
+        a, b = m(input_ids=ids).logits, ours(input_ids=ids).logits
+    assert b.abs().max() > 1.0
+    assert float((a - b).abs().max()) <= 1e-4
+
+
+@pytest.mark.slow  # gptqmodel import + kernel setup: 30-120 s on the shared box
+@pytest.mark.parametrize("kind", KINDS)
+def test_gptq_checkpoint_loads_in_transformers(family_models, tmp_path, kind):
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from ptq.model_io import full_model
+
+    out = tmp_path / "gptq"
+    compress(CompressOptions(model=str(family_models[kind]), out=str(out), recipe="rtn", format="gptq", bits=4,
+                             group_size=32, sym=True))
+    ours, _ = full_model(out)
+    m = AutoModelForCausalLM.from_pretrained(out, quantization_config=GPTQConfig(bits=4, backend="torch"),
+                                             dtype=torch.float16)
+    ids = ids_of(1, 48, seed=6)
+    with torch.no_grad():
+        ref, got = ours(input_ids=ids).logits.float(), m(input_ids=ids).logits.float()
+    assert (got - ref).abs().max().item() / ref.abs().max().item() < 3e-3
+
+
+def _plant_outliers(folder, factor: float = 25.0) -> None:
+    """Multiply the effective scale (``offset + w``) of a few channels of every group-feeding norm by
+    ``factor``: the outlier pattern OS+ / SmoothQuant migrate."""
+    from safetensors.torch import load_file, save_file
+
+    sm = StreamingModel.open(str(folder))
+    norms = {g.prev for g in sm.lmap.groups if g.prev_is_norm}
+    path = folder / "model.safetensors"
+    sd = load_file(str(path))
+    g = torch.Generator().manual_seed(1)
+    off = sm.lmap.norm_offset
+    for k in sd:
+        if any(k.endswith(f".{n}.weight") for n in norms):
+            idx = torch.randperm(sd[k].numel(), generator=g)[:4]
+            sd[k][idx] = (sd[k][idx] + off) * factor - off
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["os+", "smoothquant"])
+def test_migration_folding_keeps_fp_outputs(family_models, tmp_path, kind, method):
+    """OS+ / SmoothQuant scales folded into the norms (Gemma: into ``1 + w``) and the linears: the streamed fp
+    model equals the original transformers model (max |logit diff| <= 1e-4)."""
+    import shutil
+
+    from ptq.passes.osplus import OSPlusPass
+    from ptq.passes.smoothquant import SmoothQuantPass
+    from ptq.recipes import Defaults
+
+    f = tmp_path / kind
+    shutil.copytree(family_models[kind], f)
+    _plant_outliers(f)
+    if method == "os+":
+        p = OSPlusPass(OSPlusPass.Options(grid=6, max_steps=6, search_samples=1), QuantSpec(4, -1, False))
+        key = "attn_in.os_smax"
+    else:
+        p = SmoothQuantPass(SmoothQuantPass.Options(alpha=0.5), QuantSpec(4, -1, False))
+        key = "attn_in.sq_smax"
+    p.defaults = Defaults(act_bits=8)
+    ids = ids_of(2, 80, seed=7)
+    sm = StreamingModel.open(str(f))
+    res = compress_loop(sm, [p], ids, QuantSpec(4, -1, False))
+    assert max(st[key] for st in res.layer_stats) > 1.5  # channels really rescaled
+    with torch.no_grad():
+        ref = hf_model(f)(input_ids=ids).logits
+        out = torch.cat([sm.logits(b.hidden) for b in res.final])
+    assert ref.abs().max() > 1.0
+    assert float((out - ref).abs().max()) <= 1e-4
+
+
+def test_unsupported_family_and_pass_are_refused(family_models, tmp_path):
+    """A family without a layer map, and a pass a family cannot run, stop with exit 2 before any work, naming
+    the supported families and docs/architectures.md."""
+    from transformers import AutoConfig
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from conftest import save_random_model
+    from ptq.layermap import LAYER_MAPS
+
+    gpt2 = save_random_model(AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=320),
+                             tmp_path / "gpt2")
+    text = tmp_path / "t.txt"
+    text.write_text("some evaluation text " * 50)
+    for args in (["eval", str(gpt2), "--text", str(text)], ["compress", str(gpt2), "--out", str(tmp_path / "o")]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2, r.output
+        msg = " ".join(r.output.split())
+        assert "unsupported architecture 'gpt2'" in msg and "docs/architectures.md" in msg
+        assert all(k in msg for k in LAYER_MAPS)
+    r = CliRunner().invoke(app, ["compress", str(family_models["gemma2"]), "--out", str(tmp_path / "c"),
+                                 "--recipe", "cskv"])
+    assert r.exit_code == 2 and "docs/architectures.md" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, ["compress", str(family_models["phi3"]), "--out", str(tmp_path / "p"),
+                                 "--recipe", "os+", "--set", "os+.down_proj=true"])
+    assert r.exit_code == 2 and "down_proj" in r.output, r.output
+    assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()

@@ -71,6 +71,9 @@ class OSPlusPass(ActStateMixin, Pass):
         o = self.opts
         if o.shift not in ("auto", "on", "off"):
             raise ValueError(f"os+: shift must be auto, on or off, got {o.shift!r}")
+        if o.down_proj and sm.lmap.mlp_kind != "gated":
+            raise ValueError(f"os+: down_proj migration needs a separate up_proj ({sm.lmap.arch} has "
+                             f"{sm.lmap.mlp_kind!r} MLPs); set os+.down_proj=false")
         self.rms_shift = o.shift == "on" and not sm.lmap.norm_has_bias
         if self.rms_shift:
             if sm.lmap.arch != "llama":
@@ -111,7 +114,7 @@ class OSPlusPass(ActStateMixin, Pass):
                     z = None  # nothing left to apply on the inputs
                 xs = [x - (X.amax(0) + X.amin(0)) / 2 for x in xs]
             s, t, info = search_scale(sub, ref, xs, wspec, act_q, lb, o.grid, o.max_steps)
-            fold_scale(prev, sub.lins, s)
+            fold_scale(prev, sub.lins, s, ctx.lmap.norm_offset if g.prev_is_norm else 0.0)
             if z is not None:  # RMSNorm: the linears' inputs are (X - z) / s = X / s - z / s
                 shift = (z / s).float()
                 for n, lin in zip(g.linears, sub.lins):

@@ -34,6 +34,11 @@ class SmoothQuantPass(Pass):
         alpha: float = 0.5
         down_proj: bool = False  # also migrate up_proj -> down_proj (gated MLPs)
 
+    def setup(self, sm) -> None:
+        if self.opts.down_proj and sm.lmap.mlp_kind != "gated":
+            raise ValueError(f"smoothquant: down_proj migration needs a separate up_proj ({sm.lmap.arch} has "
+                             f"{sm.lmap.mlp_kind!r} MLPs); set smoothquant.down_proj=false")
+
     @torch.no_grad()
     def apply(self, ctx: LayerContext) -> None:
         if not ctx.batches:
@@ -54,6 +59,6 @@ class SmoothQuantPass(Pass):
             ctx.collect_inputs(g.linears[:1], fn)
             lins = [ctx.module(n) for n in g.linears]
             s = smooth_scales(xmax, [lin.weight.data for lin in lins], self.opts.alpha)
-            fold_scale(ctx.module(g.prev), lins, s)
+            fold_scale(ctx.module(g.prev), lins, s, ctx.lmap.norm_offset if g.prev_is_norm else 0.0)
             ctx.stats[f"{g.name}.sq_smax"] = float(s.max())
             ctx.stats[f"{g.name}.sq_smin"] = float(s.min())
