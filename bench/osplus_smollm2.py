@@ -148,7 +148,8 @@ def main():
     calib = None
     if any(not (n == "fp32" or n.startswith(("dir:", "naive"))) for n in names):
         calib = load_calibration(DATA / "janeausten", tok,
-                                 max(args.calib_samples, args.sq_samples, args.search_samples), 512, seed=0)
+                                 max(args.calib_samples, args.sq_samples, args.search_samples), 512, seed=0,
+                                 bos=True)
     windows = eval_windows(tokenize(read_text(DATA / "wikitext2_test.raw.txt"), tok), 512, args.windows)
     for name in names:
         res = run_config(name, args, model_dir, tok, calib, windows)

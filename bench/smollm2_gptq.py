@@ -69,7 +69,8 @@ def main():
                 out = Path(tmp) / f"{recipe}-{s}"
                 cmd = ptq + ["compress", str(model), "--recipe", recipe, "--bits", str(bits), "--group-size",
                              str(gs), "--format", args.format, "--calib", args.calib, "--nsamples",
-                             str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out)]
+                             str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out),
+                             "--bos"]  # README rows: BOS-prefixed calibration, no-BOS evaluation (`ptq eval`)
                 wall, cpu, rss, _ = run(cmd)
                 rep = json.loads((out / "report.json").read_text())
                 r = dict(setting=s, recipe=recipe, ppl=ppl(out), wall=wall, cpu=cpu, rss=rss / 2**20,

@@ -57,6 +57,9 @@ def compress(
     dtype: str = typer.Option("float32", help="compute dtype: float32 | float16 | bfloat16"),
     eval_text: Optional[str] = typer.Option(None, "--eval-text", help="text file for perplexity/KL/top-1 after export"),
     eval_windows: int = typer.Option(40, help="evaluation windows"),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos",
+                                       help="BOS before each calibration and --eval-text window (default: as the "
+                                            "tokenizer does)"),
     set_: list[str] = typer.Option([], "--set", help="pass option override PASS.OPTION=VALUE (repeatable)"),
     force: bool = typer.Option(False, help="replace an existing output folder"),
     resume: bool = typer.Option(False, help="continue an interrupted run from <out>.ptq-partial (last finished layer)"),
@@ -74,7 +77,7 @@ def compress(
     opts = CompressOptions(model=model, out=str(out), recipe=recipe, bits=bits, group_size=group_size, sym=sym,
                            act_bits=act_bits, format=None if onnx else fmt, calib=calib, nsamples=nsamples,
                            seqlen=seqlen, seed=seed, device=device, dtype=dtype, eval_text=eval_text,
-                           eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
+                           eval_windows=eval_windows, bos=bos, force=force, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, pass_options=overrides, resume=resume)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
@@ -116,6 +119,7 @@ def compress(
         t.add_row("perplexity after", f"{ev['ppl']:.3f}")
         t.add_row("KL (nats/token)", f"{ev['kl']:.4f}")
         t.add_row("top-1 agreement", f"{ev['top1']:.3%}")
+        t.add_row("BOS", f"{'yes' if ev.get('bos') else 'no'} ({ev.get('bos_source')})")
     Console().print(t)
 
 
@@ -126,6 +130,8 @@ def eval_(
     baseline: Optional[str] = typer.Option(None, help="reference model for KL / top-1"),
     seqlen: int = typer.Option(512, help="window length"),
     windows: int = typer.Option(40, help="number of windows"),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos",
+                                       help="BOS before each window (default: as the tokenizer does)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Perplexity of MODEL on TEXT (and KL / top-1 agreement against --baseline)."""
@@ -133,7 +139,7 @@ def eval_(
     from ptq.model_io import ModelInputError
 
     try:
-        res = evaluate_pair(model, baseline, text, seqlen, windows)
+        res = evaluate_pair(model, baseline, text, seqlen, windows, bos=bos)
     except (ModelInputError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     if json_out:

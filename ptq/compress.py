@@ -54,6 +54,7 @@ class CompressOptions:
     dtype: str = "float32"
     eval_text: str | None = None
     eval_windows: int = 40
+    bos: bool | None = None  # BOS before each calibration / --eval-text window; None = the tokenizer's setting
     eval_seqlen: int = 512
     force: bool = False
     allow_pickle: bool = False
@@ -84,6 +85,8 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
             setattr(c, k, v)
     if opts.calib is not None:
         c.path = opts.calib
+    if opts.bos is not None:
+        c.bos = opts.bos
     if d.act_bits is not None and not 2 <= d.act_bits <= 16:
         raise UsageError(f"--act-bits must be in 2..16, got {d.act_bits}")
     try:
@@ -240,17 +243,19 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         try:
             tok = tokenizer_for(sm.folder)
             c = recipe.calibration
-            calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed)
+            calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos)
         except CalibrationError as e:
             raise UsageError(str(e)) from e
     if opts.eval_text:  # checked now, not after an hour of compression
-        from calib.data import read_text, tokenize
+        from calib.data import read_text, resolve_bos, tokenize
         from ptq.eval.metrics import eval_windows
 
         if not Path(opts.eval_text).exists():
             raise UsageError(f"--eval-text file {opts.eval_text} does not exist")
         try:
-            eval_windows(tokenize(read_text(opts.eval_text), tokenizer_for(sm.folder)), opts.eval_seqlen, 1)
+            tok = tokenizer_for(sm.folder)
+            eval_windows(tokenize(read_text(opts.eval_text), tok), opts.eval_seqlen, 1,
+                         resolve_bos(tok, recipe.calibration.bos))
         except ValueError as e:  # CalibrationError is a ValueError
             raise UsageError(f"--eval-text: {e}") from e
     try:
@@ -325,7 +330,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         }
         if opts.eval_text:
             report["eval"] = evaluate_pair(str(tmp), opts.model, opts.eval_text, opts.eval_seqlen,
-                                           opts.eval_windows, opts.dtype)
+                                           opts.eval_windows, opts.dtype, bos=recipe.calibration.bos)
         report["peak_rss_bytes"] = peak_rss_bytes()
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         ckpt.clear()
@@ -362,13 +367,15 @@ def _keep_or_remove(tmp: Path, ckpt: Checkpointer, created: Path | None, quiet: 
 
 def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: StreamingModel, calib_ids) -> dict:
     """Deterministic description of the run (manifest content and resume fingerprint)."""
-    from calib.data import calibration_hash
+    from calib.data import bos_note, calibration_hash
 
     c = recipe.calibration
     cal = None
     if calib_ids is not None:
+        bos = bos_note(tokenizer_for(sm.folder), c.bos)
         cal = {"source": Path(c.path).name if c.path else "embedded", "nsamples": c.nsamples,
-               "seqlen": c.seqlen, "seed": c.seed, "tokens_sha256": calibration_hash(calib_ids)}
+               "seqlen": c.seqlen, "seed": c.seed, "tokens_sha256": calibration_hash(calib_ids),
+               "bos": bos["bos"], "bos_source": bos["source"]}
     return {
         "recipe": {"name": recipe.name, "description": recipe.description,
                    "defaults": dataclasses.asdict(recipe.defaults),
@@ -380,9 +387,11 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
 
 
 def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
-                  dtype: str = "float32") -> dict:
-    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer."""
-    from calib.data import read_text, tokenize
+                  dtype: str = "float32", bos: bool | None = None) -> dict:
+    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer.
+    ``bos``: BOS before each window (None: the tokenizer's own setting); the result says which (``bos``,
+    ``bos_source``)."""
+    from calib.data import bos_note, read_text, resolve_bos, tokenize
     from ptq.eval.metrics import eval_windows, stream_metrics
 
     sm = StreamingModel.open(model, dtype=DTYPES[dtype])
@@ -391,5 +400,6 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     install_streaming(sm)  # activation quantizers recorded in config.json (OS+ / SmoothQuant / W8A8 recipes)
     ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
     tok = tokenizer_for(sm.folder)
-    windows = eval_windows(tokenize(read_text(text), tok), seqlen, max_windows)
-    return stream_metrics(sm, windows, ref).to_dict()
+    windows = eval_windows(tokenize(read_text(text), tok), seqlen, max_windows, resolve_bos(tok, bos))
+    note = bos_note(tok, bos)
+    return {**stream_metrics(sm, windows, ref).to_dict(), "bos": note["bos"], "bos_source": note["source"]}

@@ -27,9 +27,10 @@ TINY = {
 }
 
 
-def byte_tokenizer():
-    """Byte-level tokenizer with no merges (256 symbols + <s>, </s>), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(add_bos: bool = False):
+    """Byte-level tokenizer with no merges (256 symbols + <s>, </s>), built offline; ``add_bos``: it prepends
+    <s> to every encoding, as Llama-3 / Gemma tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -39,6 +40,9 @@ def byte_tokenizer():
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                          special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
 
 

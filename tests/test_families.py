@@ -287,3 +287,82 @@ def test_unsupported_family_and_pass_are_refused(family_models, tmp_path):
                                  "--recipe", "os+", "--set", "os+.down_proj=true"])
     assert r.exit_code == 2 and "down_proj" in r.output, r.output
     assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()
+
+
+# ---- BOS -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bos_model(tmp_path_factory, family_models):
+    """The tiny Gemma 3 with a tokenizer that prepends BOS (as Gemma's does)."""
+    import shutil
+
+    from conftest import byte_tokenizer
+
+    f = tmp_path_factory.mktemp("bos") / "gemma3-bos"
+    shutil.copytree(family_models["gemma3_text"], f)
+    byte_tokenizer(add_bos=True).save_pretrained(f)
+    return f
+
+
+def test_bos_follows_the_tokenizer_unless_overridden(bos_model, family_models, tmp_path):
+    from calib.data import load_calibration, resolve_bos
+    from ptq.compress import evaluate_pair
+    from ptq.model_io import tokenizer_for
+
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 40)
+    adds, plain = tokenizer_for(bos_model), tokenizer_for(family_models["gemma3_text"])
+    assert resolve_bos(adds, None) == 0 and resolve_bos(plain, None) is None
+    assert resolve_bos(adds, False) is None and resolve_bos(plain, True) == 0
+    cal = load_calibration(str(text), adds, 3, 40, 0)
+    assert (cal[:, 0] == 0).all() and load_calibration(str(text), plain, 3, 40, 0)[:, 0].ne(0).all()
+    d = evaluate_pair(str(bos_model), None, str(text), 64, 4)
+    n = evaluate_pair(str(bos_model), None, str(text), 64, 4, bos=False)
+    assert (d["bos"], d["bos_source"], n["bos"], n["bos_source"]) == (True, "tokenizer", False, "--no-bos")
+    assert d["tokens"] == n["tokens"] == 4 * 63 and abs(d["ppl"] - n["ppl"]) > 1e-3 * n["ppl"]
+
+
+def test_compress_calibration_and_eval_agree_on_bos(bos_model, tmp_path):
+    """--eval-text and calibration use one BOS decision; report and manifest say which."""
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 40)
+    for bos, expect in ((None, True), (False, False)):
+        out = tmp_path / f"q{bos}"
+        rep = compress(CompressOptions(model=str(bos_model), out=str(out), recipe="gptq", format="fp",
+                                       calib=str(text), nsamples=2, seqlen=48, eval_text=str(text), eval_windows=3,
+                                       eval_seqlen=64, bos=bos))
+        man = json.loads((out / "manifest.json").read_text())
+        src = "tokenizer" if bos is None else "--no-bos"
+        assert (rep["eval"]["bos"], rep["eval"]["bos_source"]) == (expect, src)
+        assert (man["calibration"]["bos"], man["calibration"]["bos_source"]) == (expect, src)
+        assert man["calibration"]["source"] == "t.txt"
+        assert rep["calibration"]["bos"] == bos
+
+
+def test_gate_baseline_file_records_bos(bos_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 40)
+    base = tmp_path / "base.json"
+    common = ["gate", str(bos_model), "--text", str(text), "--seqlen", "64", "--windows", "3"]
+    r = CliRunner().invoke(app, common + ["--baseline", str(bos_model), "--save-baseline", str(base)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(base.read_text())["bos"] is True
+    ok = CliRunner().invoke(app, common + ["--baseline-json", str(base), "--min-top1", "0.99"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(app, common + ["--baseline-json", str(base), "--min-top1", "0.99", "--no-bos"])
+    assert bad.exit_code == 2 and "measured with BOS" in bad.output, bad.output
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_adds_no_bos(smollm2_dir):
+    """README's SmolLM2 numbers are "no BOS": that is its tokenizer's own default, so they reproduce unchanged."""
+    from calib.data import resolve_bos, tokenizer_adds_bos
+    from ptq.model_io import tokenizer_for
+
+    tok = tokenizer_for(smollm2_dir)
+    assert tok.bos_token_id is not None and not tokenizer_adds_bos(tok) and resolve_bos(tok, None) is None
