@@ -289,6 +289,74 @@ def test_unsupported_family_and_pass_are_refused(family_models, tmp_path):
     assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_nupes_data_free_end_to_end(family_models, tmp_path, kind):
+    """nupes-data-free (power-exponent LUT codes) on every linear of the layer map; the read-back model is the
+    quantized one (within 4-bit noise of the original, same top-1 on most positions)."""
+    from ptq.model_io import full_model, open_weights
+
+    f = family_models[kind]
+    out = tmp_path / "nupes"
+    rep = compress(CompressOptions(model=str(f), out=str(out), recipe="nupes-data-free", bits=4))
+    sm = StreamingModel.open(str(f))
+    exps = [v for st in rep["layers"] for k, v in st.items() if k.endswith(".exponent")]
+    assert len(exps) == len(_linears(sm)) and all(0.2 <= e <= 1.0 for e in exps)
+    reader = open_weights(out)
+    assert all(reader.qweight(n) is not None and reader.qweight(n).lut is not None for n in _linears(sm))
+    ids = ids_of(1, 96, seed=8)
+    q, _ = full_model(out)
+    with torch.no_grad():
+        a, b = hf_model(f)(input_ids=ids).logits, q(input_ids=ids).logits
+    assert 0 < float((a - b).abs().max()) < 0.5 * float(a.abs().max())
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) > 0.4  # chance: 1/320
+
+
+@pytest.mark.parametrize("kind", ["qwen2-sliding", "qwen3"])
+def test_udfc_shrinks_and_loads_in_transformers(family_models, tmp_path, kind):
+    """UDFC (data-free prune 30% + 6 bit) on the Llama-layout families: smaller MLPs and a matching config that
+    transformers loads with our reader's logits; the closed-form reconstruction (lstsq) lowers the logit error."""
+    from transformers import AutoModelForCausalLM
+
+    from ptq.model_io import full_model
+
+    ids = ids_of(2, 96, seed=9)
+    with torch.no_grad():
+        z = hf_model(family_models[kind])(input_ids=ids).logits
+    err = {}
+    for rec in (False, True):
+        out = tmp_path / f"udfc-{rec}"
+        compress(CompressOptions(model=str(family_models[kind]), out=str(out), recipe="udfc", bits=6, format="fp",
+                                 pass_options={"udfc": {"prune_ratio": 0.3, "reconstruct": rec, "mode": "lstsq"}}))
+        assert json.loads((out / "config.json").read_text())["intermediate_size"] == 112
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert tuple(hf.model.layers[0].mlp.down_proj.weight.shape) == (64, 112)
+        ours, _ = full_model(out)
+        with torch.no_grad():
+            a, b = hf(input_ids=ids).logits, ours(input_ids=ids).logits
+        assert float((a - b).abs().max()) <= 1e-4
+        err[rec] = float((a - z).pow(2).mean())
+    assert err[True] < err[False], err
+
+
+@pytest.mark.slow  # one torch.onnx export per family: 30-100 s each on the shared box
+@pytest.mark.parametrize("kind", KINDS)
+def test_onnx_export_matches_pytorch(family_models, tmp_path, kind):
+    """`ptq compress --format onnx` (MatMulNBits) validated in onnxruntime against the PyTorch model."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["compress", str(family_models[kind]), "--out", str(out), "--recipe", "rtn",
+                                 "--bits", "4", "--group-size", "16", "--format", "onnx"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "onnx" / "onnx_report.json").read_text())
+    sm = StreamingModel.open(str(family_models[kind]))
+    assert set(rep["replaced"].values()) == {"MatMulNBits"} and len(rep["replaced"]) >= len(_linears(sm))
+    v = rep["validation"]
+    assert v["max_abs_logit_diff_acc0"] < 1e-4 and v["greedy_match_acc0"]
+
+
 # ---- BOS -----------------------------------------------------------------------------------------------------------
 
 
