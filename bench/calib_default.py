@@ -3,7 +3,8 @@ calib/default_calibration.txt vs on Jane Austen, wikitext-2 perplexity / KL / to
 
     python bench/calib_default.py [--windows 40] [--nsamples 64] [--bits 4] [--group-size 128] [--recipe gptq]
 
-Each `ptq compress` runs as a child process (peak RSS from its rusage). Prints a markdown table.
+Each `ptq compress` runs as a child process (peak RSS from its rusage). Prints a markdown table and appends one
+row per calibration source to ``bench/results/calib_default.jsonl`` (bench/results_log.py; ``--no-log`` skips).
 """
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--recipe", default="gptq")
     ap.add_argument("--calibs", default="default,austen")
+    ap.add_argument("--no-log", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from results_log import append
     from ptq.models.smollm2 import ensure_cache
 
     model = ensure_cache()
@@ -58,8 +62,16 @@ def main():
             if sources[name]:
                 cmd += ["--calib", sources[name]]
             wall, rss = run(cmd)
-            ev = json.loads((out / "report.json").read_text())["eval"]
+            rep = json.loads((out / "report.json").read_text())
+            ev = rep["eval"]
             rows.append((name, ev["ppl"], ev["ppl_ref"], ev["kl"], ev["top1"], wall, rss / 2**20))
+            if not args.no_log:
+                append("calib_default", {"calib": name, "ppl": ev["ppl"], "ppl_ref": ev["ppl_ref"], "kl": ev["kl"],
+                                         "top1": ev["top1"], "windows": args.windows, "recipe": args.recipe,
+                                         "bits": args.bits, "group_size": args.group_size,
+                                         "nsamples": args.nsamples, "seqlen": args.seqlen, "wall_s": round(wall, 1),
+                                         "peak_rss_mib": round(rss / 2**20, 1), "cpu_s": rep.get("cpu_seconds"),
+                                         "stages": rep.get("stages")})
             print(f"{name:10s} ppl {ev['ppl']:.3f} (fp32 {ev['ppl_ref']:.3f}) KL {ev['kl']:.4f} top1 {ev['top1']:.3f} "
                   f"wall {wall:.0f}s peakRSS {rss / 2**20:.0f} MiB", flush=True)
     print(f"\nSmolLM2-135M {args.recipe} W{args.bits} g{args.group_size}, {args.nsamples}x{args.seqlen} calibration, "

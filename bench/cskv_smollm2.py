@@ -1,7 +1,7 @@
 """CSKV on SmolLM2-135M: KV-cache bytes/token and wikitext-2 perplexity through the compressed (bi-branch) path.
 
-    PTQ_DATA=/work/shared/data .venv/bin/python bench/cskv_smollm2.py --configs 0.5:0.5,0.25:0.25 \
-        --bits 16,4 --log /tmp/cskv.jsonl
+    .venv/bin/python bench/cskv_smollm2.py --configs 0.5:0.5,0.25:0.25 \
+        --bits 16,4 --log cskv.jsonl
 
 Calibration: 32 x 512 tokens of Jane Austen (seed 0); per layer the k/v_proj inputs give mean |x| (ASVD) and a
 token subsample for the layer-wise fit. Evaluation: wikitext-2 test, 40 non-overlapping 512-token windows, no BOS;

@@ -10,8 +10,8 @@ Retrieval: ``--keys`` lines "The pass key for NAME is NNNNN." planted at random 
 the prompt ends with "... The pass key for NAME is" and 8 tokens are decoded greedily; a hit when the number
 appears. Sparse "all" = sparse prefill and decode; "decode" = dense prefill, sparse decode (SGLang style).
 
-    .venv/bin/python bench/ds_smollm2.py --labels /tmp/ptq_ds/smollm2-ds --part ppl --windows 4
-    .venv/bin/python bench/ds_smollm2.py --labels /tmp/ptq_ds/smollm2-ds --part retrieval --lengths 1024 --heavy 16 --trials 8
+    .venv/bin/python bench/ds_smollm2.py --labels out/smollm2-ds --part ppl --windows 4
+    .venv/bin/python bench/ds_smollm2.py --labels out/smollm2-ds --part retrieval --lengths 1024 --heavy 16 --trials 8
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gate_smollm2.py [--windows 8] [--seqlen 512]
 
-Compresses SmolLM2 with RTN W4 g128 (fp export) into /tmp, measures ppl ratio / KL / top-1 against the fp32
+Compresses SmolLM2 with RTN W4 g128 (fp export) into a temp folder, measures ppl ratio / KL / top-1 against the fp32
 model, then re-measures from stored baselines with k = 8 and 32 and prints how tight the KL bound is, the
 baseline file size and the wall time of each mode.
 """
@@ -32,7 +32,7 @@ def main():
     from ptq.models import smollm2
 
     ref = smollm2.ensure_cache()
-    text = Path(os.environ.get("PTQ_DATA", "/work/shared/data")) / "wikitext2_test.raw.txt"
+    text = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "wikitext2_test.raw.txt"
     root = Path(tempfile.mkdtemp(prefix="ptq-gate-bench-"))
     q = root / "q"
     t = time.time()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -159,7 +160,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rank", type=int, default=64, help="NUPES: rank of the H factor (0 = exact H)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "nupes_smollm2.jsonl"))
-    ap.add_argument("--cache", default="/tmp/nupes_bench_cache", help="tokenized windows / calibration ids")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "nupes_bench_cache"), help="tokenized windows / calibration ids")
     ap.add_argument("--table", action="store_true", help="only print the table from --out")
     args = ap.parse_args()
     out = Path(args.out)

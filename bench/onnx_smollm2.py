@@ -2,8 +2,8 @@
 tokens/s with the KV cache, side by side.
 
     .venv/bin/ptq compress ~/.cache/ptq/smollm2-135m --recipe rtn --bits 4 --group-size 32 --format gptq \\
-        --out /tmp/smol_rtn_g32
-    .venv/bin/python bench/onnx_smollm2.py --compressed /tmp/smol_rtn_g32 --work /tmp/ptq_onnx_bench
+        --out out/smol_rtn_g32
+    .venv/bin/python bench/onnx_smollm2.py --compressed out/smol_rtn_g32 --work out/onnx_bench
 
 Without ``--compressed`` the int4 weights are RTN-quantized here (``QuantizedWeight.from_float``, g32 asym).
 The fp32 graph is exported once; the int4 graph is the same graph rewritten with the exact codes (what
@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="SmolLM2 folder (default ~/.cache/ptq/smollm2-135m)")
     ap.add_argument("--compressed", default=None, help="ptq compress --format gptq output (int4 source)")
-    ap.add_argument("--work", default="/tmp/ptq_onnx_bench")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ptq_onnx_bench"))
     ap.add_argument("--embed-bits", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)

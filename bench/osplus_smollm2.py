@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def main():
     ap.add_argument("--search-samples", type=int, default=1, help="OS+ statistics/search samples (official: 1 batch)")
     ap.add_argument("--sq-samples", type=int, default=8, help="calibration samples for SmoothQuant's absmax")
     ap.add_argument("--grid", type=int, default=16, help="OS+ t-grid steps (official: >= 100)")
-    ap.add_argument("--work", default="/tmp/ptq_osplus_bench")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ptq_osplus_bench"))
     ap.add_argument("--results", default=str(ROOT / "bench" / "osplus_smollm2.jsonl"))
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--table", action="store_true")

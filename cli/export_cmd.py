@@ -168,7 +168,9 @@ def register(app) -> None:
         no_validate: bool = typer.Option(False, "--no-validate", help="skip the onnxruntime check"),
     ):
         """Export a compressed model to ONNX (MatMulNBits / GatherBlockQuantized / DynamicQuantizeMatMul)."""
-        from cli.main import Console, fail
+        from rich.console import Console
+
+        from cli.common import fail
 
         if fmt != "onnx":
             fail(f"--format {fmt!r} is not supported by `ptq export`; use onnx")

@@ -33,7 +33,7 @@ def gate(
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
 ):
     """Evaluate COMPRESSED against a baseline and fail (exit 1) when a threshold is crossed."""
-    from cli.main import fail
+    from cli.common import fail
     from ptq.gate import GateInputError, Thresholds, check, gate_report, load_baseline, measure
     from ptq.gate import save_baseline as write_baseline
     from ptq.model_io import ModelInputError

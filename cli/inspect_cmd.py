@@ -17,7 +17,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ):
     """Show how FOLDER was produced and (with --verify) check that its files are intact."""
-    from cli.main import fail
+    from cli.common import fail
     from ptq.manifest import extras, read_manifest
     from ptq.manifest import verify as verify_files
 

@@ -11,13 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.common import console, fail  # noqa: F401  (console: re-exported for callers of cli.main)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training compression of LLMs.")
-console = Console(stderr=True)
-
-
-def fail(msg: str, code: int = 2):
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _parse_set(items: list[str]) -> dict:

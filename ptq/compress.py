@@ -23,7 +23,7 @@ from ptq.layermap import get_module
 from ptq.manifest import build_manifest, ptq_version, write_manifest
 from ptq.model_io import ModelInputError, StreamingModel, WeightSource, dir_size, tokenizer_for
 from ptq.passes import get_pass_class
-from ptq.pipeline import compress_loop
+from ptq.pipeline import StageClock, compress_loop
 from ptq.quant.primitives import QuantSpec
 from ptq.resume import Checkpointer, fingerprint, is_state_file, model_fingerprint, not_resumable, partial_dir
 from ptq.recipes import Recipe, load_recipe
@@ -65,6 +65,12 @@ class CompressOptions:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
@@ -223,11 +229,13 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     crash keeps it so ``--resume`` continues from the last finished layer.
     """
     t0 = time.time()
+    clock = StageClock()
     recipe, spec = resolve_settings(opts)
     out = Path(opts.out)
     try:
-        sm = StreamingModel.open(opts.model, dtype=DTYPES[opts.dtype], device=opts.device,
-                                 allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
+        with clock("load"):
+            sm = StreamingModel.open(opts.model, dtype=DTYPES[opts.dtype], device=opts.device,
+                                     allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
     except (ModelInputError, ValueError) as e:
         raise UsageError(str(e)) from e
     check_output(out, sm.folder, opts.force)
@@ -243,7 +251,8 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         try:
             tok = tokenizer_for(sm.folder)
             c = recipe.calibration
-            calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos)
+            with clock("load"):
+                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos)
         except CalibrationError as e:
             raise UsageError(str(e)) from e
     if opts.eval_text:  # checked now, not after an hour of compression
@@ -310,11 +319,12 @@ def compress(opts: CompressOptions, progress=None) -> dict:
             ckpt.save(i, n_layers, batches, writer, stats, passes)
 
         loop = compress_loop(sm, passes, calib_ids, spec, writer, progress=progress, start_layer=start,
-                             on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore)
-        writer.write_nonlayer()
-        writer.finalize(loop.artifacts)
-        write_manifest(tmp, build_manifest(tmp, layers=loop.layer_stats, **{k: info[k] for k in (
-            "recipe", "spec", "format", "dtype", "model_name", "model_fingerprint", "calibration")}))
+                             on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore, clock=clock)
+        with clock("write"):
+            writer.write_nonlayer()
+            writer.finalize(loop.artifacts)
+            write_manifest(tmp, build_manifest(tmp, layers=loop.layer_stats, **{k: info[k] for k in (
+                "recipe", "spec", "format", "dtype", "model_name", "model_fingerprint", "calibration")}))
         t_compress = time.time() - t0
         report = {
             "recipe": recipe.name, "spec": dataclasses.asdict(spec),
@@ -329,8 +339,12 @@ def compress(opts: CompressOptions, progress=None) -> dict:
             "layers": loop.layer_stats,
         }
         if opts.eval_text:
-            report["eval"] = evaluate_pair(str(tmp), opts.model, opts.eval_text, opts.eval_seqlen,
-                                           opts.eval_windows, opts.dtype, bos=recipe.calibration.bos)
+            with clock("eval"):
+                report["eval"] = evaluate_pair(str(tmp), opts.model, opts.eval_text, opts.eval_seqlen,
+                                               opts.eval_windows, opts.dtype,
+                                               bos=recipe.calibration.bos)
+        report["stages"] = clock.to_dict()
+        report["cpu_seconds"] = round(cpu_seconds(), 2)
         report["peak_rss_bytes"] = peak_rss_bytes()
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         ckpt.clear()

@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,6 +27,23 @@ BUILTIN_MODELS = ("smollm2-135m",)  # shipped by a pip package, converted once t
 
 class ModelInputError(ValueError):
     """Bad user input about a model (missing, corrupt, unsupported); the CLI maps it to exit code 2."""
+
+
+# config.json ``quantization_config.quant_method`` -> loader of the reader class (a `WeightSource` built as
+# ``Reader(dense_source, quantization_config)`` that dequantizes on the fly). Each format registers its own
+# (ptq/export/__init__.py, imported by ptq/__init__.py), so this module never imports an exporter.
+_READERS: dict[str, Callable[[], type]] = {}
+
+
+def register_reader(quant_method: str, load: Callable[[], type]) -> None:
+    _READERS[quant_method] = load
+
+
+def reader_class(quant_method: str) -> type:
+    if quant_method not in _READERS:
+        raise ModelInputError(f"cannot read checkpoints quantized with {quant_method!r}; "
+                              f"known: {', '.join(sorted(_READERS)) or 'none registered'}")
+    return _READERS[quant_method]()
 
 
 class WeightSource:
@@ -137,8 +155,6 @@ def open_weights(folder: Path, allow_pickle: bool = False) -> WeightSource:
         src = SafetensorsSource(folder)
         qc = _quant_config(folder)
         if qc:
-            from ptq.export import reader_class
-
             return reader_class(qc.get("quant_method"))(src, qc)
         return src
     pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]

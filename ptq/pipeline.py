@@ -14,6 +14,8 @@ layer runs; every loop (calibration, streamed eval/gate, resume) goes through it
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +39,27 @@ class AttnInputs:
 
     def for_layer(self, i: int) -> dict:
         return self.variants[self.of_layer[i]]
+
+
+class StageClock:
+    """Wall and CPU seconds (this process, all threads) per named stage, summed over repeats; report.json's
+    ``stages``. Use as ``with clock("write"): ...``."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+    def to_dict(self) -> dict:
+        return {k: {"wall_s": round(self.wall[k], 2), "cpu_s": round(self.cpu[k], 2)} for k in self.wall}
 
 
 @dataclass
@@ -240,37 +263,49 @@ def compress_loop(sm: StreamingModel, passes: list[Pass], calib_ids: torch.Tenso
                   start_layer: int = 0, batches: list[Batch] | None = None,
                   on_layer_done: Callable[[int, list[Batch]], None] | None = None,
                   batch_size: int = 1, layer_stats: list[dict] | None = None,
-                  restore_batches: Callable[[list[Batch]], list[Batch]] | None = None) -> LoopResult:
+                  restore_batches: Callable[[list[Batch]], list[Batch]] | None = None,
+                  clock: StageClock | None = None) -> LoopResult:
     """Compress ``sm`` in place layer by layer. ``writer.write_layer(prefix, layer, ctx)`` receives each
     finished layer before it is freed. ``start_layer``/``batches`` resume an interrupted run;
     ``layer_stats`` (stats of the layers already done) is extended in place, so ``on_layer_done`` can read
     the finished layer's stats as ``layer_stats[-1]``. ``restore_batches`` maps the freshly captured layer-0
-    inputs (after the passes' setup) to the saved inputs of ``start_layer`` (see ptq.resume)."""
-    for p in passes:
-        p.setup(sm)
-    if batches is None:
-        batches = capture_inputs(sm, calib_ids, batch_size) if calib_ids is not None else []
-    if restore_batches is not None:
-        batches = restore_batches(batches)
+    inputs (after the passes' setup) to the saved inputs of ``start_layer`` (see ptq.resume). ``clock`` sums
+    the time of each stage (setup, calibration capture, layer load, each pass, layer forward, write, ...)."""
+    clock = clock if clock is not None else StageClock()
+    with clock("setup"):
+        for p in passes:
+            p.setup(sm)
+    with clock("calibration capture"):
+        if batches is None:
+            batches = capture_inputs(sm, calib_ids, batch_size) if calib_ids is not None else []
+        if restore_batches is not None:
+            batches = restore_batches(batches)
     n = len(sm.layers)
     stats = layer_stats if layer_stats is not None else []
     for i in range(start_layer, n):
         batches = for_layer(batches, i)
-        layer = sm.load_layer(i)
+        with clock("layer load"):
+            layer = sm.load_layer(i)
         ctx = LayerContext(i, layer, sm.layer_prefix(i), sm.lmap, sm.config, batches, spec)
         for p in passes:
             if progress:
                 progress(i, n, p.name)
-            p.apply(ctx)
-        if batches:
-            batches = run_layer(layer, batches)
-        if writer is not None:
-            writer.write_layer(ctx)
+            with clock(f"pass {p.name}"):
+                p.apply(ctx)
+        with clock("layer forward"):
+            if batches:
+                batches = run_layer(layer, batches)
+        with clock("write"):
+            if writer is not None:
+                writer.write_layer(ctx)
         stats.append({"layer": i, **ctx.stats})
-        release(layer)
+        with clock("layer release"):
+            release(layer)
         if on_layer_done:
-            on_layer_done(i, batches)
-    artifacts = {}
-    for p in passes:
-        artifacts.update(p.finalize(sm))
+            with clock("resume checkpoint"):
+                on_layer_done(i, batches)
+    with clock("finalize passes"):
+        artifacts = {}
+        for p in passes:
+            artifacts.update(p.finalize(sm))
     return LoopResult(stats, artifacts, batches)

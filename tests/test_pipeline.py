@@ -78,3 +78,16 @@ def test_compress_rtn_fp_end_to_end(tiny_models, tmp_path):
     w = src.get("model.layers.0.mlp.down_proj.weight")
     torch.testing.assert_close(m.model.layers[0].mlp.down_proj.weight, fake_quantize(w, QuantSpec(4, 16, False)))
     assert not list(tmp_path.glob(".*ptq-tmp*"))  # temp folder renamed away
+
+
+def test_report_breaks_time_down_by_stage(tiny_models, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    rep = compress(CompressOptions(model=str(tiny_models["llama"]), out=str(tmp_path / "out"), recipe="gptq",
+                                   bits=4, group_size=16, format="fp", nsamples=2, seqlen=32,
+                                   eval_text=str(text), eval_seqlen=64, eval_windows=2))
+    stages = rep["stages"]
+    for name in ("load", "calibration capture", "layer load", "pass gptq", "layer forward", "write", "eval"):
+        assert set(stages[name]) == {"wall_s", "cpu_s"} and stages[name]["wall_s"] >= 0, name
+    assert rep["cpu_seconds"] > 0 and rep["peak_rss_bytes"] > 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["stages"].keys() == stages.keys()

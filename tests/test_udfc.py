@@ -1,4 +1,4 @@
-"""UDFC: closed-form data-free pruning + quantization (ptq.udfc_math, ptq.passes.udfc)."""
+"""UDFC: closed-form data-free pruning + quantization (ptq.passes.udfc_math, ptq.passes.udfc)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ptq.passes.udfc import n_keep_for, udfc_full_model
 from ptq.quant.primitives import QuantSpec
 from ptq.recipes import RecipeError, load_recipe, parse_recipe
-from ptq.udfc_math import Channels, channels_from_mlp, cross_cov, gauss_act_moments, reconstruct
+from ptq.passes.udfc_math import Channels, channels_from_mlp, cross_cov, gauss_act_moments, reconstruct
 
 torch.set_num_threads(1)
 

@@ -2,11 +2,16 @@
 into dense weights (`WeightSource`) for evaluation, `ptq export` and ONNX.
 
 FORMATS: ``--format`` name -> "module:WriterClass".  READERS: config.json ``quantization_config.quant_method``
--> "module:ReaderClass" (a `ptq.model_io.WeightSource` that dequantizes on the fly).
+-> "module:ReaderClass" (a `ptq.model_io.WeightSource` that dequantizes on the fly), registered with
+`ptq.model_io.register_reader` when this package is imported (ptq/__init__.py imports it), so the loader finds
+them without importing the exporters. Modules load on first use.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+
+from ptq.model_io import register_reader
 
 FORMATS: dict[str, str] = {
     "fp": "ptq.export.base:DenseWriter",
@@ -33,7 +38,5 @@ def writer_class(fmt: str):
     return _load(FORMATS[fmt])
 
 
-def reader_class(quant_method: str):
-    if quant_method not in READERS:
-        raise ValueError(f"cannot read checkpoints quantized with {quant_method!r}; known: {', '.join(READERS)}")
-    return _load(READERS[quant_method])
+for _method, _ref in READERS.items():
+    register_reader(_method, functools.partial(_load, _ref))

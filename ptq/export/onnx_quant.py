@@ -1,5 +1,5 @@
 """Rewrite passes: put our `QuantizedWeight`s into an fp32 ONNX graph as integer kernels (pure re-packing, never a
-re-quantization). Layouts: /work/shared/docs/onnx_export.md §3 (MatMulNBits), §3.5 (GatherBlockQuantized),
+re-quantization). Layouts: ../shared/docs/onnx_export.md §3 (MatMulNBits), §3.5 (GatherBlockQuantized),
 §4 (QDQ), §6.1 (DynamicQuantizeMatMul).
 
 * ``nbits`` (default): ``MatMul(x, W^T)`` -> ``com.microsoft.MatMulNBits(x, B, scales, zero_points?, bias?)``,

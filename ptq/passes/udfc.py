@@ -4,7 +4,7 @@
 Per decoder layer (same channel count in every layer, so ``intermediate_size`` stays one number):
 
 1. Fold the norm feeding the MLP into its input rows and describe every hidden channel ``h_k`` by weight
-   statistics only (`ptq.udfc_math`: Gaussian input model ``xhat ~ N(0, I_H)``, Stein linearization of the
+   statistics only (`ptq.passes.udfc_math`: Gaussian input model ``xhat ~ N(0, I_H)``, Stein linearization of the
    activation, Isserlis for ``act(g) * u``).
 2. Score channels by expected output energy ``e_j = ||D_j||^2 E[h_j^2]`` and keep the top ``I - round(r I)``.
 3. Quantize the kept gate/up (fc1) rows with RTN (``self.spec``), giving ``hhat``.
@@ -32,7 +32,7 @@ from ptq.layermap import get_module
 from ptq.model_io import release
 from ptq.pipeline import LayerContext, Pass
 from ptq.quant.qweight import QuantizedWeight
-from ptq.udfc_math import (attn_moment, channels_from_mlp, energy_scores, kernel, linear_rescale, normalized_moment,
+from ptq.passes.udfc_math import (attn_moment, channels_from_mlp, energy_scores, kernel, linear_rescale, normalized_moment,
                            psd_sqrt, reconstruct, select_keep)
 
 _INTER_ATTR = {"gated": "intermediate_size", "fc": "ffn_dim"}
