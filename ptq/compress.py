@@ -135,14 +135,11 @@ def check_output(out: Path, model_dir: Path | None, force: bool) -> None:
 
 def check_family(recipe: Recipe, lmap) -> None:
     """Refuse, before any work, a pass the model family cannot run (ptq.layermap: ``LayerMap.unsupported``)."""
-    for name, popts in recipe.passes:
+    for name, _ in recipe.passes:
         why = lmap.refusal(name)
         if why:
             raise UsageError(f"pass {name!r} does not support {lmap.arch}: {why}. Supported combinations: "
                              "docs/architectures.md")
-        if getattr(popts, "down_proj", False) and lmap.mlp_kind != "gated":
-            raise UsageError(f"{name}: down_proj migration needs a separate up_proj ({lmap.arch} has "
-                             f"{lmap.mlp_kind!r} MLPs); pass --set {name}.down_proj=false")
 
 
 def build_passes(recipe: Recipe, spec: QuantSpec, defaults) -> list:
@@ -240,6 +237,12 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         raise UsageError(str(e)) from e
     check_output(out, sm.folder, opts.force)
     check_family(recipe, sm.lmap)
+    from ptq import moe
+
+    try:
+        moe.check_passes(sm.lmap, [n for n, _ in recipe.passes])
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     for path in sm.lmap.embed:  # already materialized by open(); later reads go through FiniteSource
         for name, p in get_module(sm.model, path).named_parameters():
             check_finite(f"{path}.{name}", p.data)

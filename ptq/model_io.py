@@ -197,6 +197,9 @@ def build_skeleton(config) -> nn.Module:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from ptq import moe
+
+    moe.install(model, config)  # MoE experts as per-expert Linears under the checkpoint's names
     return model.eval()
 
 
@@ -277,6 +280,9 @@ class StreamingModel:
 
     def __init__(self, folder: Path | None, config, source: WeightSource, dtype=torch.float32,
                  device: str = "cpu"):
+        from ptq import moe
+
+        source = moe.per_expert_source(config, source)  # fused-expert checkpoints: per-expert view
         self.folder, self.config, self.source = folder, config, source
         self.dtype, self.device = dtype, device
         self.lmap: LayerMap = layer_map_for(config)

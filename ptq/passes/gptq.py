@@ -8,6 +8,11 @@ Options: act-order (columns by descending ``diag H``), static groups (qparams fi
 true-sequential (Hessians of a sub-block are collected after the previous sub-block was quantized). Linears
 that share an input (q/k/v, gate/up) share one Hessian.
 
+Mixture of experts (ptq.moe): each expert's linears get the Hessian of the tokens the router sends to that expert
+(the forward hook on the expert's linear sees only those). All experts' gate/up are calibrated in one pass over the
+data, then all downs. Fallback rule: a linear whose Hessian saw fewer than ``min_tokens`` tokens (default 16) is
+quantized with RTN; the layer's report lists ``moe.routed_tokens`` per expert and ``moe.fallback_experts``.
+
 Static groups are the default. Their qparams come from the original weights in contiguous groups (the RTN grid),
 so error feedback can push an updated weight out of range only to be clipped, never widen a group's scale. On
 SmolLM2-135M (massive activations; Austen calibration, W3 g64, 40 wikitext-2 windows) dynamic act-order groups
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ptq import moe
 from ptq.pipeline import LayerContext, Pass
 from ptq.quant.primitives import QuantSpec, compute_qparams
 from ptq.quant.qweight import QuantizedWeight
@@ -36,6 +42,8 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
         m = x.shape[0]
+        if m == 0:
+            return
         self.H *= self.n / (self.n + m)
         self.n += m
         x = x * math.sqrt(2 / self.n)
@@ -138,6 +146,33 @@ class GPTQPass(Pass):
         damp: float = 0.01
         block_size: int = 128
         static_groups: bool = True  # see the module docstring
+        min_tokens: int = 16  # a linear whose Hessian saw fewer tokens (a starved MoE expert) gets RTN instead
+
+    @staticmethod
+    def _stages(ctx: LayerContext, present: set[str], true_sequential: bool) -> list[list[str]]:
+        """Linears calibrated together: one stage per group (true-sequential), except that groups sharing a
+        ``stage`` (MoE experts, ptq.moe.ExpertGroup) form one stage; their Hessians (one per group) are then
+        split into chunks of at most the layer's own weight bytes, so peak memory stays about one layer."""
+        if not true_sequential:
+            return [[n for n in ctx.lmap.linears() if n in present]]
+        stages: dict[str, list] = {}
+        for g in ctx.lmap.groups:
+            names = [n for n in g.linears if n in present]
+            if names:
+                stages.setdefault(getattr(g, "stage", "") or g.name, []).append(names)
+        budget = sum(p.numel() * p.element_size() for p in ctx.layer.parameters())
+        out = []
+        for groups in stages.values():
+            chunk, used = [], 0
+            for names in groups:
+                k = ctx.module(names[0]).in_features
+                if chunk and used + 4 * k * k > budget:
+                    out.append(chunk)
+                    chunk, used = [], 0
+                chunk += names
+                used += 4 * k * k
+            out.append(chunk)
+        return out
 
     def _hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, HessianAccumulator]:
         """One accumulator per distinct input (linears of a group share it)."""
@@ -160,14 +195,23 @@ class GPTQPass(Pass):
             raise ValueError("GPTQ needs calibration data")
         present = set(ctx.linears())
         o = self.opts
-        stages = [[n for n in g.linears if n in present] for g in ctx.lmap.groups] if o.true_sequential \
-            else [[n for n in ctx.lmap.linears() if n in present]]
-        for names in filter(None, stages):
+        for names in filter(None, self._stages(ctx, present, o.true_sequential)):
             hs = self._hessians(ctx, names)
             for n in names:
                 lin = ctx.module(n)
+                fallback = hs[n].n < o.min_tokens
+                moe.note_expert(ctx, n, hs[n].n, fallback)
+                if fallback:  # too few tokens for a meaningful Hessian (e.g. an MoE expert the router starves)
+                    qw = QuantizedWeight.from_float(lin.weight.data, self.spec)
+                    deq = qw.dequantize()
+                    ctx.stats[f"{n}.wmse"] = float((deq - lin.weight.data.float()).pow(2).mean())
+                    lin.weight.data = deq.to(lin.weight.dtype)
+                    ctx.qweights[ctx.prefix + n] = qw
+                    del hs[n]
+                    continue
                 qw, info = gptq_quantize(lin.weight.data, hs[n].H, self.spec, o.block_size, o.damp,
                                          o.act_order, o.static_groups)
+                del hs[n]  # the last reference frees the Hessian
                 deq = qw.dequantize()
                 ctx.stats[f"{n}.gptq_loss"] = info["loss"]
                 ctx.stats[f"{n}.wmse"] = float((deq - lin.weight.data.float()).pow(2).mean())

@@ -71,9 +71,6 @@ class OSPlusPass(ActStateMixin, Pass):
         o = self.opts
         if o.shift not in ("auto", "on", "off"):
             raise ValueError(f"os+: shift must be auto, on or off, got {o.shift!r}")
-        if o.down_proj and sm.lmap.mlp_kind != "gated":
-            raise ValueError(f"os+: down_proj migration needs a separate up_proj ({sm.lmap.arch} has "
-                             f"{sm.lmap.mlp_kind!r} MLPs); set os+.down_proj=false")
         self.rms_shift = o.shift == "on" and not sm.lmap.norm_has_bias
         if self.rms_shift:
             if sm.lmap.arch != "llama":

@@ -34,11 +34,6 @@ class SmoothQuantPass(Pass):
         alpha: float = 0.5
         down_proj: bool = False  # also migrate up_proj -> down_proj (gated MLPs)
 
-    def setup(self, sm) -> None:
-        if self.opts.down_proj and sm.lmap.mlp_kind != "gated":
-            raise ValueError(f"smoothquant: down_proj migration needs a separate up_proj ({sm.lmap.arch} has "
-                             f"{sm.lmap.mlp_kind!r} MLPs); set smoothquant.down_proj=false")
-
     @torch.no_grad()
     def apply(self, ctx: LayerContext) -> None:
         if not ctx.batches:
