@@ -54,12 +54,23 @@ def quantize_embeddings(model: nn.Module, qweights: dict, bits: int, group_size:
 def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: Path, mode: str = "nbits",
                 accuracy_level: int = 4, validate: bool = True, ids: torch.Tensor | None = None,
                 tied: dict[str, str] | None = None, n_new: int = 20, w8a8_weight_type: str = "uint8",
-                proto=None) -> dict:
+                proto=None, act_spec: dict | None = None, act_tensors=None) -> dict:
     """Export the fake-quant ``model`` (weights = dequantized ``qweights``) to ``out_dir/model.onnx``.
 
     ``qweights``: module path -> QuantizedWeight (exact codes). ``proto``: an fp graph already exported from this
-    model (`export_graph`; rewritten in place), else it is exported here. Returns (and writes) the report dict.
+    model (`export_graph`; rewritten in place), else it is exported here. ``act_spec`` (config.json
+    ``ptq_act_quant``; ``act_tensors[key]`` its input shifts): the calibrated activation quantizers, put into the
+    graph (ptq.export.onnx_act) and installed on ``model`` as the validation reference. Returns (and writes) the
+    report dict.
     """
+    from ptq.passes.act_quant import install_act_quant, remove_act_quant
+
+    act = None
+    if act_spec:
+        from ptq.export.onnx_act import act_map
+
+        act = act_map(act_spec, act_tensors)
+        remove_act_quant(model)  # the fp graph is traced without them; the rewrite inserts them
     from ptq.export.onnx_graph import export_graph, save_model, weight_sites
     from ptq.export.onnx_quant import quantize_graph
     from ptq.export.onnx_validate import sample_ids
@@ -79,7 +90,12 @@ def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir:
     if missing:
         raise ValueError(f"quantized modules not found in the ONNX graph: {missing[:5]}")
     rw = quantize_graph(proto, sites, qweights, mode=mode, accuracy_level=accuracy_level, tied=tied,
-                        w8a8_weight_type=w8a8_weight_type)
+                        w8a8_weight_type=w8a8_weight_type, act=act)
+    if act_spec:
+        missing_act = sorted(set(act) - set(rw.get("act_quant", {})))
+        if missing_act:
+            raise ValueError(f"activation-quantized linears not found in the ONNX graph: {missing_act[:5]}")
+        install_act_quant(model, act_spec, act_tensors)  # validation reference = ptq's fake-quant model
     files = save_model(proto, out_dir / MODEL_FILE)
     del proto
     report = {"mode": mode, "accuracy_level": accuracy_level, "opset": 21,
@@ -123,8 +139,16 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
     """`ptq compress --format onnx` / `ptq export`: compressed folder -> ONNX folder (+ config/tokenizer files)."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     model, qweights, rep = load_compressed(Path(compressed_dir))
-    act_bits = (rep.get("defaults") or {}).get("act_bits")
-    mode = "qdq" if qdq else "w8a8" if act_bits == 8 else "nbits"
+    cfg = json.loads((Path(compressed_dir) / "config.json").read_text())
+    from ptq.passes.act_quant import SPEC_KEY, _Getter
+
+    act_spec = cfg.get(SPEC_KEY)
+    act_tensors = None
+    if act_spec:
+        from ptq.model_io import SafetensorsSource
+
+        act_tensors = _Getter(SafetensorsSource(Path(compressed_dir)))
+    mode = "qdq" if qdq else "nbits"
     tied, extra = None, []
     if embed_bits:
         tied, extra = quantize_embeddings(model, qweights, embed_bits)
@@ -138,13 +162,11 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
     from ptq.export.onnx_validate import sample_ids
 
     report = export_onnx(model, qweights, out_dir, mode=mode, accuracy_level=accuracy_level, validate=validate,
-                         ids=sample_ids(model.config, tok), tied=tied)
+                         ids=sample_ids(model.config, tok), tied=tied, act_spec=act_spec, act_tensors=act_tensors)
     report["source"] = str(compressed_dir)
     report["quantized_at_export"] = extra
-    if act_bits == 8:
-        report["act_quant_note"] = ("ORT DynamicQuantizeMatMul quantizes activations per tensor, dynamically; the "
-                                    "recipe's activation granularity is "
-                                    f"{(rep.get('defaults') or {}).get('act_granularity')!r}")
+    if act_spec:
+        report["act_quant_scheme"] = {k: act_spec[k] for k in ("bits", "granularity", "sym")}
     for f in COPY_FILES:
         if (Path(compressed_dir) / f).exists():
             shutil.copy2(Path(compressed_dir) / f, Path(out_dir) / f)

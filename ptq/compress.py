@@ -95,6 +95,10 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
         c.bos = opts.bos
     if d.act_bits is not None and not 2 <= d.act_bits <= 16:
         raise UsageError(f"--act-bits must be in 2..16, got {d.act_bits}")
+    if d.act_bits is not None and any(n == "act-quant" for n, _ in recipe.passes) and d.format != "compressed-tensors":
+        raise UsageError(f"recipe {recipe.name!r} quantizes activations, which --format {d.format} cannot carry "
+                         "(its loaders would run the model weight-only); use --format compressed-tensors "
+                         "(transformers / vLLM run its input_activations) or --format onnx")
     try:
         if d.bits == 16:  # "16 bits" = no weight quantization, for passes with a `quantize` option (udfc)
             nq = [n for n, o in recipe.passes if not hasattr(o, "quantize")]

@@ -231,8 +231,8 @@ def _plant_outliers(folder, factor: float = 25.0) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ["os+", "smoothquant"])
 def test_migration_folding_keeps_fp_outputs(family_models, tmp_path, kind, method):
-    """OS+ / SmoothQuant scales folded into the norms (Gemma: into ``1 + w``) and the linears: the streamed fp
-    model equals the original transformers model (max |logit diff| <= 1e-4)."""
+    """OS+ / SmoothQuant scales folded into the norms (Gemma: into ``1 + w``), up_proj rows and the linears: the
+    streamed fp model equals the original transformers model (max |logit diff| <= 1e-4)."""
     import shutil
 
     from ptq.passes.osplus import OSPlusPass
@@ -246,13 +246,15 @@ def test_migration_folding_keeps_fp_outputs(family_models, tmp_path, kind, metho
         p = OSPlusPass(OSPlusPass.Options(grid=6, max_steps=6, search_samples=1), QuantSpec(4, -1, False))
         key = "attn_in.os_smax"
     else:
-        p = SmoothQuantPass(SmoothQuantPass.Options(alpha=0.5), QuantSpec(4, -1, False))
+        p = SmoothQuantPass(SmoothQuantPass.Options(alpha=0.5, down_proj=True), QuantSpec(4, -1, False))
         key = "attn_in.sq_smax"
     p.defaults = Defaults(act_bits=8)
     ids = ids_of(2, 80, seed=7)
     sm = StreamingModel.open(str(f))
     res = compress_loop(sm, [p], ids, QuantSpec(4, -1, False))
     assert max(st[key] for st in res.layer_stats) > 1.5  # channels really rescaled
+    # up_proj -> down_proj migration too, except Phi-3's fused gate_up_proj (skipped, as for OPT)
+    assert (key.replace("attn_in", "mlp_out") in res.layer_stats[0]) == (kind != "phi3")
     with torch.no_grad():
         ref = hf_model(f)(input_ids=ids).logits
         out = torch.cat([sm.logits(b.hidden) for b in res.final])

@@ -12,7 +12,7 @@ from ptq.export.base import DenseWriter
 from ptq.model_io import StreamingModel, full_model
 from ptq.passes.act_quant import ActQuantPass, install_streaming, load_act_quant
 from ptq.passes.migration import fold_scale, fold_shift, make_act_quant
-from ptq.passes.osplus import OSPlusPass, search_scale
+from ptq.passes.osplus import LossProbe, OSPlusPass, search_scale
 from ptq.passes.rtn import RTNPass
 from ptq.passes.smoothquant import SmoothQuantPass, smooth_scales
 from ptq.pipeline import compress_loop
@@ -89,6 +89,8 @@ def test_osplus_transform_is_exact(tmp_path, kind, shift):
 class _Fc:
     """Duck-typed sub-module for `search_scale`: one linear, f(x) = x W^T + b."""
 
+    kind = "linear"
+
     def __init__(self, lin):
         self.lins = [lin]
 
@@ -130,12 +132,25 @@ def test_outlier_error_ordering_w8a8(gran):
         shifted.weight.copy_(W)
         shifted.bias.copy_(b + W @ z)
     xs = [(x - z)[None]]
-    ref = [y[None]]
-    s_os, t, info = search_scale(_Fc(shifted), ref, xs, wspec, make_act_quant(8, gran, False), 1.0, 60, 60)
+    act_q = make_act_quant(8, gran, False)
+    act_q.granularity = gran
+    probe = LossProbe(_Fc(shifted), xs, wspec, act_q, loss_tokens=0, loss_rows=0)
+    amax = (x - z).abs().amax(0)
+    s_os, t, info = search_scale(probe, amax, 1.0, 60, 60, coarse=0)
     osp = err(aq((x - z) / s_os), fake_quantize(W * s_os, wspec), b + W @ z)
     assert osp == pytest.approx(info["loss"], rel=1e-3)
     assert osp < sq < naive, (osp, sq, naive)
     assert osp < 0.5 * naive
+    # coarse-to-fine with early stopping lands on the dense grid's choice (or one as good) with fewer evaluations
+    _, t_fast, fast = search_scale(probe, amax, 1.0, 60, 60, coarse=8, patience=2)
+    assert fast["evals"] < info["evals"] == 61
+    assert fast["loss"] <= info["loss"] * 1.02, (t_fast, t)
+    # the loss on a token / output-row subsample (outlier tokens kept) picks a scale as good on all the data
+    sub_probe = LossProbe(_Fc(shifted), xs, wspec, act_q, loss_tokens=128, loss_rows=16)
+    assert sub_probe.X.shape == (128, 64) and sub_probe.W[0].shape == (16, 64)
+    s_sub, t_sub, _ = search_scale(sub_probe, amax, 1.0, 60, 60)
+    full = probe.losses(torch.stack([s_sub]), [(-t_sub, t_sub)] if gran == "tensor" else [None])[0]
+    assert full <= info["loss"] * 1.1, (full, info["loss"])
 
 
 def test_fold_helpers_exact():

@@ -15,6 +15,25 @@ exactly ours, ``scale * (q - zero)`` (symmetric: implicit zero ``2^(b-1)``).
 Act-order (non-trivial ``g_idx``) is refused: compressed-tensors 0.20 removed ``actorder="group"``
 (``weight_g_idx``), so no current loader would apply the permutation. Use ``--format gptq`` for act-order
 weights, or GPTQ with ``static_groups``. Scales keep the checkpoint dtype, so an fp32 checkpoint is bit-exact.
+
+**Activation quantization** (recipes with ``act_bits``: os+, smoothquant, w8a8). The quantizers the passes
+installed (ptq.passes.act_quant) become the group's ``input_activations``, which compressed-tensors executes in
+every forward (transformers: ``quantized_forward`` fake-quantizes the Linear input; vLLM: int8 kernels):
+
+* per token, dynamic: ``{"strategy": "token", "dynamic": true, "symmetric": sym, "num_bits": b}``;
+* per tensor, static: ``{"strategy": "tensor", "dynamic": false}`` plus per Linear ``input_scale`` fp ``[1]``
+  and (asymmetric) ``input_zero_point`` int8 ``[1]`` = our unsigned zero - 2^(b-1), from the calibrated clip.
+
+Both conventions equal ours exactly (``calculate_qparams``): asymmetric ``scale = (max(x,0) - min(x,0)) /
+(2^b - 1)``, integral zero point; symmetric ``scale = 2 absmax / (2^b - 1)``, signed range
+``[-2^(b-1), 2^(b-1) - 1]``.
+Weights: symmetric with < 8 bits stay ``pack-quantized`` (the W4A8 layout); 8-bit or asymmetric weights are
+written ``int-quantized`` (``weight`` int8 ``[N, K]`` = signed code, ``weight_scale [N, G]``,
+``weight_zero_point`` int8 ``[N, G]``), the W8A8 layout, because transformers' compressed path cannot load a
+packed asymmetric zero point and its ``dequantize=True`` workaround drops the activation quantizers.
+Linears whose input stays unquantized (``act-quant: {skip: [...]}``) get a weight-only second group naming them.
+Refused with a clear error: OS+ explicit input shifts (``shift: on``; no such field) and activations wider than
+8 bits.
 """
 from __future__ import annotations
 
@@ -27,6 +46,8 @@ from ptq.quant.primitives import default_g_idx, pack, unpack
 from ptq.quant.qweight import QuantizedWeight
 
 CT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+CT_INT_PARTS = ("weight_scale", "weight", "weight_zero_point")
+FORMATS = ("pack-quantized", "int-quantized")
 
 
 class ActOrderUnsupported(ValueError):
@@ -64,40 +85,116 @@ def unpack_ct(t: dict[str, torch.Tensor], bits: int, group_size: int | None) -> 
     return QuantizedWeight(codes, scale, zero, bits, gs, default_g_idx(k, gs))
 
 
+def int_ct(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``QuantizedWeight`` -> ``int-quantized`` ``{weight int8 [N, K], weight_scale [N, G], [weight_zero_point]}``
+    (signed codes / zero points: ours minus ``2^(b-1)``)."""
+    check_uniform(qw, "compressed-tensors")
+    if qw.act_order:
+        raise ActOrderUnsupported("compressed-tensors cannot store act-order groups; use static groups")
+    half = 2 ** (qw.bits - 1)
+    out = {"weight": (qw.codes.to(torch.int16) - half).to(torch.int8).contiguous(),
+           "weight_scale": qw.scale.to(dtype).contiguous()}
+    if qw.zero is not None:
+        out["weight_zero_point"] = (qw.zero.round().to(torch.int16) - half).to(torch.int8).contiguous()
+    return out
+
+
+def act_args(bits: int, granularity: str, sym: bool) -> dict:
+    """compressed-tensors ``input_activations`` for our activation quantizer (module doc)."""
+    if bits > 8:
+        raise ValueError(f"compressed-tensors: {bits}-bit activations have no int kernel or fake-quant path "
+                         "there (at most 8); use --act-bits 8 or --format onnx")
+    if granularity not in ("token", "tensor"):
+        raise ValueError(f"compressed-tensors: activation granularity {granularity!r} is not expressible")
+    return {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": granularity,
+            "dynamic": granularity == "token", "group_size": None, "actorder": None, "observer": None,
+            "block_structure": None}
+
+
 class CTWriter(QuantConfigMixin, CheckpointWriter):
-    """Streaming compressed-tensors ``pack-quantized`` writer (int weights, 2..8 bits, sym or asym)."""
+    """Streaming compressed-tensors writer: ``pack-quantized`` int weights (2..8 bits, sym or asym), plus the
+    activation quantizers as ``input_activations`` when the recipe installed them (module doc)."""
 
     format_name = "compressed-tensors"
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.ignore: list[str] = []
+        self.act: dict | None = None  # {"bits", "granularity", "sym"} of the installed activation quantizers
+        self.act_fp: list[str] = []  # quantized-weight linears whose input stays in full precision
+        self.weight_format = "pack-quantized"
 
     def linear_tensors(self, path, qw, bias):
         self._note(qw)
-        out = {f"{path}.{k}": v for k, v in pack_ct(qw, self.dtype).items()}
+        enc = int_ct if self.weight_format == "int-quantized" else pack_ct
+        out = {f"{path}.{k}": v for k, v in enc(qw, self.dtype).items()}
         if bias is not None:
             out[f"{path}.bias"] = bias.to(self.dtype)
         return out
 
+    def _act_tensors(self, ctx, qpaths: set[str]) -> dict[str, torch.Tensor]:
+        """Record the layer's activation quantizers; static per-tensor ranges -> ``input_scale`` / zero point."""
+        from ptq.passes.act_quant import quantizer_of
+        from ptq.quant.primitives import minmax_qparams
+
+        out: dict[str, torch.Tensor] = {}
+        for path in sorted(qpaths):
+            q = quantizer_of(ctx.module(path[len(ctx.prefix):]), create=False)
+            if q is not None and q.shift is not None:
+                raise ValueError("compressed-tensors has no input shift: OS+ with `shift: on` (explicit RMSNorm "
+                                 "shift) can only be exported with --format onnx; use os+ shift: auto")
+            if q is None or q.bits is None:
+                self.act_fp.append(path)
+                continue
+            cur = {"bits": q.bits, "granularity": q.granularity, "sym": q.sym}
+            if self.act is None:
+                act_args(q.bits, q.granularity, q.sym)  # refuses what CT cannot express, before any write
+                self.act = cur
+            elif cur != self.act:
+                raise ValueError(f"compressed-tensors: mixed activation schemes ({self.act} vs {cur}) in one model")
+            if q.granularity == "tensor":
+                if q.clip is None:
+                    raise ValueError(f"{path}: static per-tensor activation quantization without a calibrated clip")
+                lo, hi = (torch.tensor([float(v)], dtype=torch.float32) for v in q.clip)
+                scale, zero = minmax_qparams(lo, hi, q.bits, q.sym)
+                out[f"{path}.input_scale"] = scale.to(self.dtype)
+                if not q.sym:
+                    out[f"{path}.input_zero_point"] = (zero - 2 ** (q.bits - 1)).to(torch.int8)
+        return out
+
     def layer_tensors(self, ctx):
-        """Also record this layer's Linear modules that stay dense (they go to ``ignore``)."""
+        """Also record this layer's Linear modules that stay dense (they go to ``ignore``) and its activation
+        quantizers (``input_activations``)."""
         qpaths = {p for p in ctx.qweights if p.startswith(ctx.prefix)}
         for name, m in ctx.layer.named_modules():
             if isinstance(m, torch.nn.Linear) and ctx.prefix + name not in qpaths:
                 self.ignore.append(ctx.prefix + name)
-        return super().layer_tensors(ctx)
+        act = self._act_tensors(ctx, qpaths)
+        if self.act is not None and self.spec is not None and (self.spec.bits == 8 or not self.spec.sym):
+            if self.qweights_written and self.weight_format != "int-quantized":
+                raise ValueError("compressed-tensors: activation quantization appeared after layer 0")
+            self.weight_format = "int-quantized"
+        out = super().layer_tensors(ctx)
+        out.update(act)
+        return out
 
     def quantization_config(self) -> dict:
         s = self._summary()
         gs = s["gs"]
+        fmt = self.weight_format
         weights = {"num_bits": s["bits"], "type": "int", "symmetric": s["sym"],
                    "strategy": "channel" if gs == -1 else "group", "group_size": None if gs == -1 else gs,
                    "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
+        acts = None if self.act is None else act_args(**self.act)
+        groups = {"group_0": {"targets": ["Linear"], "format": fmt, "weights": weights,
+                              "input_activations": acts, "output_activations": None}}
+        fp_inputs = sorted(self.act_fp) if acts is not None else []
+        if fp_inputs:  # exact names outrank the class target: weight-only scheme for these
+            groups["group_1"] = {"targets": fp_inputs, "format": fmt, "weights": weights,
+                                 "input_activations": None, "output_activations": None}
         return {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": weights,
-                                          "input_activations": None, "output_activations": None}},
+            "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": groups,
             "ignore": [self.sm.lmap.lm_head] + sorted(self.ignore),
             "kv_cache_scheme": None, "global_compression_ratio": None,
         }
@@ -113,17 +210,28 @@ class CTSource(QuantizedSource, WeightSource):
         qc = quantization_config
         self.src, self.qc = source, qc
         fmt = qc.get("format")
-        if fmt != "pack-quantized":
-            raise ValueError(f"only compressed-tensors format 'pack-quantized' is readable, got {fmt!r}")
+        if fmt not in FORMATS:
+            raise ValueError(f"readable compressed-tensors formats: {', '.join(FORMATS)}; got {fmt!r}")
         groups = list(qc.get("config_groups", {}).values())
-        if len(groups) != 1 or not groups[0].get("weights"):
-            raise ValueError("expected exactly one config group with weight quantization")
+        if not groups or any(not g.get("weights") or g["weights"] != groups[0]["weights"] for g in groups):
+            raise ValueError("expected config groups that all quantize weights with one scheme")
         w = groups[0]["weights"]
         if w.get("type", "int") != "int" or w.get("actorder") not in (None, "weight"):
             raise ValueError(f"unsupported compressed-tensors weight scheme {w}")
         self.bits = int(w["num_bits"])
         self.group_size = w.get("group_size") if w.get("strategy") == "group" else None
+        self.int_format = fmt == "int-quantized"
+        if self.int_format:
+            self.PARTS = CT_INT_PARTS
         self._index(source)
 
     def _unpack(self, t: dict) -> QuantizedWeight:
-        return unpack_ct(t, self.bits, self.group_size)
+        if not self.int_format:
+            return unpack_ct(t, self.bits, self.group_size)
+        half = 2 ** (self.bits - 1)
+        codes = (t["weight"].to(torch.int16) + half).to(torch.uint8)
+        n, k = codes.shape
+        zero = None if t.get("weight_zero_point") is None else (t["weight_zero_point"].float() + half)
+        gs = k if self.group_size in (None, -1) else self.group_size
+        return QuantizedWeight(codes, t["weight_scale"].float().contiguous(), zero, self.bits, gs,
+                               default_g_idx(k, gs))

@@ -38,7 +38,7 @@ from ptq.quant.qweight import QuantizedWeight
 MS = "com.microsoft"
 
 
-_KERNELS = ("MatMulNBits", "DynamicQuantizeMatMul", "GatherBlockQuantized", "DequantizeLinear")
+_KERNELS = ("MatMulNBits", "DynamicQuantizeMatMul", "GatherBlockQuantized", "DequantizeLinear", "MatMulInteger")
 
 
 class NotExpressible(ValueError):
@@ -204,11 +204,12 @@ def _bias_of(site: WeightSite) -> str:
     return ""
 
 
-def _linear_nbits(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, acc: int, share: bool = False) -> list:
+def _linear_nbits(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, acc: int, share: bool = False,
+                  x_in: str | None = None) -> list:
     bl = to_blocks(qw)
     n, k = qw.shape
     tag = site.module
-    x, pre = ed.permuted(site.node.input[0], bl.perm, tag)
+    x, pre = ed.permuted(x_in or site.node.input[0], bl.perm, tag)
     if share and bl.perm is None and k % bl.block == 0:
         data, sc, zp = _shared_2d(ed, tag, qw, bl)
         shape = ed.add_init(f"{tag}.qweight_shape", np.array([n, bl.nb, bl.block * bl.bits // 8], np.int64))
@@ -230,11 +231,11 @@ def _linear_nbits(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, acc: i
     return pre + [node]
 
 
-def _linear_qdq(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight) -> list:
+def _linear_qdq(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, x_in: str | None = None) -> list:
     bl = to_blocks(qw)
     n, k = qw.shape
     tag = site.module
-    x, pre = ed.permuted(site.node.input[0], bl.perm, tag)
+    x, pre = ed.permuted(x_in or site.node.input[0], bl.perm, tag)
     q, s, z = _dq_tensors(ed, tag, bl.codes.t(), bl.scale.t(), bl.zero.t(), qw.bits)
     dq_out = f"{tag}.weight_dq"
     nodes = pre + [helper.make_node("DequantizeLinear", [q, s, z], [dq_out], axis=0, block_size=bl.block,
@@ -314,30 +315,65 @@ def _embedding(ed: GraphEditor, site: WeightSite, qw: QuantizedWeight, mode: str
                              gather_axis=0, quantize_axis=1, block_size=bl.block, bits=bl.bits)]
 
 
+def _linear_act(ed: GraphEditor, ab, site: WeightSite, qw: QuantizedWeight | None, aq, mode: str, acc: int) -> list:
+    """A linear whose input is quantized as calibrated (ptq.export.onnx_act): W8A8 integer kernel when both sides
+    are 8-bit (per-channel weights), else fake-quant input into the mode's weight kernel (or the fp MatMul)."""
+    from ptq.export.onnx_act import int8_weight_ok, linear_int8
+
+    int8 = qw is not None and aq.bits == 8 and int8_weight_ok(qw)
+    if qw is not None and not int8:
+        to_blocks(qw)  # NotExpressible before any node is built (the input subgraph is cached for reuse)
+    pre, x_hat, q, s, z = ab.quantize(site.node.input[0], aq, site.module)
+    if int8:
+        return pre + linear_int8(ed, ab, site, qw, q, s, z, _bias_of(site))
+    if qw is None:
+        node = onnx.NodeProto()
+        node.CopyFrom(site.node)
+        node.input[0] = x_hat
+        return pre + [node]
+    return pre + (_linear_qdq(ed, site, qw, x_hat) if mode == "qdq" else _linear_nbits(ed, site, qw, acc, x_in=x_hat))
+
+
 def quantize_graph(proto: onnx.ModelProto, sites: list[WeightSite], qweights: dict[str, QuantizedWeight],
                    mode: str = "nbits", accuracy_level: int = 4, tied: dict[str, str] | None = None,
-                   w8a8_weight_type: str = "uint8") -> dict:
+                   w8a8_weight_type: str = "uint8", act: dict | None = None) -> dict:
     """Rewrite ``proto`` in place. ``qweights``: module path -> QuantizedWeight; ``tied``: embedding path ->
-    lm_head path whose QuantizedWeight it shares. ``mode``: nbits | qdq | w8a8 (W8A8 linears; other quantized
-    linears fall back to nbits). Returns ``{"replaced": {module: op}, "fallback_fp": {module: reason}}``."""
+    lm_head path whose QuantizedWeight it shares. ``mode``: nbits | qdq | w8a8 (W8A8 linears with per-tensor
+    dynamic activations; other quantized linears fall back to nbits). ``act``: module path -> `onnx_act.ActQ`,
+    the calibrated input quantizers (these linears ignore ``mode == "w8a8"``). Returns ``{"replaced": {module:
+    op}, "fallback_fp": {module: reason}}`` (+ ``act_quant: {module: kernel}``)."""
     if mode not in ("nbits", "qdq", "w8a8"):
         raise ValueError(f"unknown ONNX quantization mode {mode!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError("accuracy_level must be 0..4")
     tied = tied or {}
+    act = act or {}
     ed = GraphEditor(proto)
     report: dict = {"replaced": {}, "fallback_fp": {}}
+    if act:
+        from ptq.export.onnx_act import ActBuilder
+
+        ab = ActBuilder(ed)
+        report["act_quant"] = {}
     shared = {tied[s.module] for s in sites if s.kind == "gather" and s.module in tied and s.module not in qweights
               and tied[s.module] in qweights} if mode != "qdq" else set()
     for site in sites:
         qw = qweights.get(site.module)
         if qw is None and site.kind == "gather" and site.module in tied:
             qw = qweights.get(tied[site.module])
-        if qw is None:
+        aq = act.get(site.module) if site.kind != "gather" else None
+        if qw is None and aq is None:
             continue
         share = site.module in shared or tied.get(site.module) in shared
         try:
-            if site.kind == "gather":
+            if aq is not None:
+                new = _linear_act(ed, ab, site, qw, aq, mode, accuracy_level)
+                kern = [n.op_type for n in new if n.op_type in _KERNELS + ("MatMulInteger", "MatMul", "Gemm")]
+                report["act_quant"][site.module] = kern[-1] if kern else "?"
+                if qw is None:
+                    ed.replace(site.node, new)
+                    continue
+            elif site.kind == "gather":
                 new = _embedding(ed, site, qw, mode, share)
             elif mode == "qdq":
                 new = _linear_qdq(ed, site, qw)
@@ -351,6 +387,8 @@ def quantize_graph(proto: onnx.ModelProto, sites: list[WeightSite], qweights: di
                 new = _linear_nbits(ed, site, qw, accuracy_level, share)
         except NotExpressible as e:
             report["fallback_fp"][site.module] = str(e)
+            if aq is not None:  # fp weight, but the input is still quantized as calibrated
+                ed.replace(site.node, _linear_act(ed, ab, site, None, aq, mode, accuracy_level))
             continue
         ed.replace(site.node, new)
         ops = [n.op_type for n in new]
