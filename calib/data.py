@@ -114,3 +114,15 @@ def bos_note(tokenizer, bos: bool | None) -> dict:
 def calibration_hash(ids: torch.Tensor) -> str:
     """sha256 of the token ids actually used (recorded in the manifest)."""
     return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def calibration_coverage(ids: torch.Tensor, ngram: int = 8) -> dict:
+    """How much distinct text the windows ``ids [n, L]`` hold: ``unique_tokens`` estimates the distinct text
+    positions as the number of distinct ``ngram``-token runs (overlapping windows repeat theirs), ``reuse`` =
+    tokens used / unique tokens (1.0 = every token used once)."""
+    ngram = min(ngram, ids.shape[1])
+    grams = ids.unfold(1, ngram, 1).reshape(-1, ngram)
+    heads = int(torch.unique(ids[:, :ngram], dim=0).shape[0])  # distinct windows (each starts ngram-1 tokens early)
+    unique = int(torch.unique(grams, dim=0).shape[0]) + heads * (ngram - 1)
+    unique = min(unique, ids.numel())
+    return {"tokens": int(ids.numel()), "unique_tokens": unique, "reuse": round(ids.numel() / max(1, unique), 3)}

@@ -42,6 +42,7 @@ def compress(
     bits: Optional[int] = typer.Option(None, help="weight bits 2..8 (16 = unquantized, udfc only; default from the recipe)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="group size along K, -1 = per channel"),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="symmetric or asymmetric weights"),
+    clip: Optional[str] = typer.Option(None, "--clip", help="weight clipping search: none | mse | octav (default from the recipe)"),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="activation bits (OS+/SmoothQuant recipes)"),
     prune_ratio: Optional[float] = typer.Option(None, "--prune-ratio", help="UDFC: fraction of MLP channels pruned"),
     fmt: Optional[str] = typer.Option(None, "--format", help="gptq | compressed-tensors | fp | onnx"),
@@ -71,7 +72,7 @@ def compress(
         overrides.setdefault("udfc", {})["prune_ratio"] = prune_ratio
     onnx = fmt == "onnx"
     opts = CompressOptions(model=model, out=str(out), recipe=recipe, bits=bits, group_size=group_size, sym=sym,
-                           act_bits=act_bits, format=None if onnx else fmt, calib=calib, nsamples=nsamples,
+                           clip=clip, act_bits=act_bits, format=None if onnx else fmt, calib=calib, nsamples=nsamples,
                            seqlen=seqlen, seed=seed, device=device, dtype=dtype, eval_text=eval_text,
                            eval_windows=eval_windows, bos=bos, force=force, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, pass_options=overrides, resume=resume)

@@ -44,6 +44,7 @@ class CompressOptions:
     bits: int | None = None
     group_size: int | None = None
     sym: bool | None = None
+    clip: str | None = None  # none | mse | octav
     act_bits: int | None = None
     format: str | None = None
     calib: str | None = None
@@ -80,7 +81,7 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     except ValueError as e:
         raise UsageError(str(e)) from e
     d = recipe.defaults
-    for k in ("bits", "group_size", "sym", "act_bits", "format"):
+    for k in ("bits", "group_size", "sym", "clip", "act_bits", "format"):
         v = getattr(opts, k)
         if v is not None:
             setattr(d, k, v)
@@ -109,7 +110,7 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
             for _, o in recipe.passes:
                 o.quantize = False
             d.bits, d.format = 8, "fp"  # placeholder spec (QuantSpec needs 2..8); nothing is quantized
-        spec = QuantSpec(bits=d.bits, group_size=d.group_size, sym=d.sym, mse=d.mse)
+        spec = QuantSpec(bits=d.bits, group_size=d.group_size, sym=d.sym, mse=d.mse, clip=d.clip)
     except ValueError as e:
         raise UsageError(str(e)) from e
     for pname, popts in opts.pass_options.items():
@@ -125,6 +126,40 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
     return recipe, spec
+
+
+MIN_DAMP_FEW_TOKENS = 0.1  # damping used when the calibration set has fewer unique tokens than a linear's width
+
+
+def check_calibration(calib_ids: torch.Tensor, config, recipe: Recipe) -> dict:
+    """Warn when the calibration windows repeat text or hold fewer unique tokens than the widest linear input
+    (its Hessian is then rank-deficient); in that case raise Hessian damping to ``MIN_DAMP_FEW_TOKENS`` in every
+    pass that has a ``damp`` option. Returns what was found and done (recorded in report.json)."""
+    from calib.data import calibration_coverage
+
+    cov = calibration_coverage(calib_ids)
+    widths = [getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "ffn_dim")]
+    width = max(w for w in widths if isinstance(w, int))
+    cov["widest_linear_input"] = width
+    cov["warnings"] = []
+    if cov["reuse"] > 1.05:
+        cov["warnings"].append(f"calibration windows overlap: {cov['tokens']} tokens drawn from ~{cov['unique_tokens']} "
+                               f"distinct ones (each used ~{cov['reuse']:.1f}x); give more text (--calib) or fewer "
+                               "--nsamples")
+    if cov["unique_tokens"] < width:
+        raised = {}
+        for name, o in recipe.passes:
+            if hasattr(o, "damp") and o.damp < MIN_DAMP_FEW_TOKENS:
+                raised[name] = (o.damp, MIN_DAMP_FEW_TOKENS)
+                o.damp = MIN_DAMP_FEW_TOKENS
+        cov["damp_raised"] = {k: v[1] for k, v in raised.items()}
+        cov["warnings"].append(f"only ~{cov['unique_tokens']} unique calibration tokens for linears {width} wide: "
+                               "their Hessians are rank-deficient"
+                               + (f"; damping raised to {MIN_DAMP_FEW_TOKENS}" if raised else "")
+                               + "; give more calibration text")
+    for w in cov["warnings"]:
+        print(f"ptq: warning: {w}", file=sys.stderr)
+    return cov
 
 
 def check_output(out: Path, model_dir: Path | None, force: bool) -> None:
@@ -251,7 +286,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         for name, p in get_module(sm.model, path).named_parameters():
             check_finite(f"{path}.{name}", p.data)
     sm.source = FiniteSource(sm.source)
-    calib_ids = None
+    calib_ids, calib_check = None, None
     if recipe.needs_calibration:
         from calib.data import CalibrationError, load_calibration
 
@@ -262,6 +297,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
                 calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos)
         except CalibrationError as e:
             raise UsageError(str(e)) from e
+        calib_check = check_calibration(calib_ids, sm.config, recipe)
     if opts.eval_text:  # checked now, not after an hour of compression
         from calib.data import read_text, resolve_bos, tokenize
         from ptq.eval.metrics import eval_windows
@@ -338,6 +374,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
             "defaults": dataclasses.asdict(recipe.defaults), "format": recipe.defaults.format,
             "passes": [{"name": n, **dataclasses.asdict(o)} for n, o in recipe.passes],
             "calibration": dataclasses.asdict(recipe.calibration) if calib_ids is not None else None,
+            "calibration_check": calib_check,
             "resumed_from_layer": start if resume_state is not None else None,
             "compress_seconds": round(t_compress, 2),
             "size_before_bytes": dir_size(sm.folder) if sm.folder else None,

@@ -31,6 +31,7 @@ class Defaults:
     group_size: int = 128
     sym: bool = False
     mse: bool = False
+    clip: str = "none"  # none | mse | octav (ptq.quant.clipping)
     act_bits: int | None = None  # None = weight-only
     act_granularity: str = "token"  # token | tensor
     format: str = "gptq"  # export format

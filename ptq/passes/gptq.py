@@ -67,14 +67,17 @@ def _inverse_factor(H: torch.Tensor, damp: float, max_tries: int = 4) -> tuple[t
 
 def _qparams_cols(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """scale, zero ``[N]`` for a column block ``w [N, g]`` (one group)."""
-    s, z = compute_qparams(w, QuantSpec(spec.bits, -1, spec.sym, spec.mse))
+    s, z = compute_qparams(w, QuantSpec(spec.bits, -1, spec.sym, spec.mse, spec.clip))
     return s[:, 0], z[:, 0]
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False) -> tuple[QuantizedWeight, dict]:
-    """GPTQ of ``W [N, K]`` with Hessian ``H [K, K]`` -> (QuantizedWeight, info {loss, damp})."""
+                  act_order: bool = False, static_groups: bool = False,
+                  return_updated: bool = False) -> tuple[QuantizedWeight, dict]:
+    """GPTQ of ``W [N, K]`` with Hessian ``H [K, K]`` -> (QuantizedWeight, info {loss, damp}). With
+    ``return_updated`` info["updated"] ``[N, K]`` holds each column as it was just before rounding (after the
+    error feedback of the earlier columns): ``codes = clamp(round(updated / s) + z)``."""
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     N, K = W.shape
@@ -98,6 +101,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     U, used_damp = _inverse_factor(H, damp)
 
     codes = torch.zeros(N, K, dtype=torch.uint8)
+    updated = torch.zeros(N, K) if return_updated else None
     g_idx = torch.zeros(K, dtype=torch.int32)
     losses = torch.zeros(N)
     dynamic_groups = spec.group_size != -1 and not static_groups
@@ -120,6 +124,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
             s, z = scale[:, g], zero[:, g]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             codes[:, col] = q.to(torch.uint8)
+            if updated is not None:
+                updated[:, col] = w
             wq = s * (q - z)
             d = U1[i, i]
             losses += (w - wq) ** 2 / d**2 / 2
@@ -131,7 +137,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     inv = torch.argsort(perm)
     codes = codes[:, inv]
     qw = QuantizedWeight(codes, scale, None if spec.sym else zero, spec.bits, gs, g_idx)
-    return qw, {"loss": float(losses.sum()), "damp": used_damp}
+    info = {"loss": float(losses.sum()), "damp": used_damp}
+    if updated is not None:
+        info["updated"] = updated[:, inv]
+    return qw, info
 
 
 class GPTQPass(Pass):
@@ -174,6 +183,8 @@ class GPTQPass(Pass):
             out.append(chunk)
         return out
 
+    keep_updated = False  # learned rounding sets this to read GPTQ's pre-rounding weights from self.updated
+
     def _hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, HessianAccumulator]:
         """One accumulator per distinct input (linears of a group share it)."""
         owner = {}
@@ -210,7 +221,10 @@ class GPTQPass(Pass):
                     del hs[n]
                     continue
                 qw, info = gptq_quantize(lin.weight.data, hs[n].H, self.spec, o.block_size, o.damp,
-                                         o.act_order, o.static_groups)
+                                         o.act_order, o.static_groups, return_updated=self.keep_updated)
+                if self.keep_updated:
+                    self.updated = getattr(self, "updated", {})
+                    self.updated[n] = info["updated"]
                 del hs[n]  # the last reference frees the Hessian
                 deq = qw.dequantize()
                 ctx.stats[f"{n}.gptq_loss"] = info["loss"]
