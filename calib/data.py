@@ -28,14 +28,16 @@ def read_text(path: str | Path | None) -> str:
     p = Path(path)
     if not p.exists():
         raise CalibrationError(f"calibration path {p} does not exist")
+    from ptq.validate import read_text_file  # bounded, and binary files are refused (never decoded as junk)
+
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
         if not files:
             raise CalibrationError(f"calibration folder {p} has no .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        return "\n\n".join(read_text_file(f, "text file") for f in files)
     if p.suffix == ".jsonl":
         parts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(read_text_file(p, "text file").splitlines()):
             if not line.strip():
                 continue
             try:
@@ -46,7 +48,7 @@ def read_text(path: str | Path | None) -> str:
                 raise CalibrationError(f"{p}:{i + 1}: each JSONL line needs a string field 'text'")
             parts.append(rec["text"])
         return "\n\n".join(parts)
-    return p.read_text(encoding="utf-8", errors="replace")
+    return read_text_file(p, "text file")
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:

@@ -87,6 +87,8 @@ def compress(
             report = run(opts, progress=progress)
         except UsageError as e:
             fail(str(e))
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
         bar.update(task, completed=bar.tasks[0].total or 0, description="done")
     if onnx:
         from cli.export_cmd import export_onnx_dir
@@ -182,5 +184,22 @@ def _register_optional():
 
 _register_optional()
 
+
+def main() -> None:
+    """Console entry point. Exit codes: 0 ok, 1 regression / changed file, 2 bad input (one ``error:`` line),
+    3 internal error (a bug: traceback, then a note), 130 interrupted. Never 1 for a crash, which CI would
+    read as an accuracy regression."""
+    import traceback
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        print("ptq: internal error (exit 3); please report it with the traceback above", file=sys.stderr)
+        sys.exit(3)
+
+
 if __name__ == "__main__":
-    app()
+    main()

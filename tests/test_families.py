@@ -154,8 +154,9 @@ def test_rtn_and_gptq_end_to_end(family_models, tmp_path, kind):
     mse = {}
     for recipe in ("rtn", "gptq"):
         out = tmp_path / recipe
+        cal = dict(calib=str(calib), nsamples=2, seqlen=64) if recipe == "gptq" else {}
         rep = compress(CompressOptions(model=str(f), out=str(out), recipe=recipe, format="gptq", bits=4,
-                                       group_size=32, calib=str(calib), nsamples=2, seqlen=64))
+                                       group_size=32, **cal))
         assert len(rep["layers"]) == sm.config.num_hidden_layers
         reader = open_weights(out)
         names = _linears(sm)
