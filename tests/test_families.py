@@ -128,6 +128,17 @@ def test_streamed_forward_equals_transformers(family_models, kind):
                for i in range(len(types)) for j in range(len(types)))
 
 
+def test_streamed_eval_applies_final_softcap(family_models):
+    """Gemma 2's final-logit soft-capping in the streamed head (eval / gate / --eval-text): same perplexity as
+    transformers."""
+    f = family_models["gemma2"]
+    w = eval_windows(ids_of(1, 600)[0], 96, 5)
+    a = stream_metrics(StreamingModel.open(str(f)), w)
+    b = model_metrics(hf_model(f), w)
+    assert a.tokens == b.tokens == 5 * 95
+    assert a.ppl == pytest.approx(b.ppl, rel=1e-5)
+
+
 def _calib(tmp_path):
     p = tmp_path / "calib.txt"
     p.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 30)
