@@ -149,6 +149,7 @@ def main():
             # growth of the high-water mark from the second layer's start to the end (the first layer sets it)
             growth = (end["maxrss"] - per_layer[1]) / 2**20 if len(per_layer) > 1 else float("nan")
             print(f"routed tokens per layer: {end['routed_tokens']}; RTN fallbacks: {end['fallback_linears']}")
+            argv = [a if a != str(args.workdir) else "DIR" for a in sys.argv[1:]]  # no machine path in the row
             append("moe_rss", {
                 "recipe": recipe, "layers": args.layers, "hidden": SHAPES["hidden_size"],
                 "expert_width": SHAPES["intermediate_size"], "experts": SHAPES["num_local_experts"], "top_k": 2,
@@ -158,7 +159,8 @@ def main():
                 "peak_mib_per_layer_start": [round(v / 2**20, 1) for v in per_layer],
                 "peak_rss_mib": round(end["maxrss"] / 2**20, 1),
                 "peak_growth_after_layer1_mib": round(growth, 1),
-                "routed_tokens": end["routed_tokens"], "fallback_linears": end["fallback_linears"]})
+                "routed_tokens": end["routed_tokens"], "fallback_linears": end["fallback_linears"]},
+                command="python bench/moe_rss.py " + " ".join(argv))
             shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.workdir is None:

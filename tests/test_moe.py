@@ -292,3 +292,11 @@ def test_unsupported_pass_refused(moe_models, tmp_path):
     with pytest.raises(UsageError, match="mixture-of-experts"):
         compress(CompressOptions(model=str(moe_models["mixtral"]), out=str(tmp_path / "o"), recipe="os+"))
     assert not (tmp_path / "o").exists()
+
+
+def test_onnx_export_refused(moe_models, tmp_path):
+    from cli.export_cmd import export_onnx_dir
+
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        export_onnx_dir(moe_models["qwen3_moe"], tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

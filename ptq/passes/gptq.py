@@ -160,7 +160,7 @@ class GPTQPass(Pass):
     @staticmethod
     def _stages(ctx: LayerContext, present: set[str], true_sequential: bool) -> list[list[str]]:
         """Linears calibrated together: one stage per group (true-sequential), except that groups sharing a
-        ``stage`` (MoE experts, ptq.moe.ExpertGroup) form one stage; their Hessians (one per group) are then
+        ``LinearGroup.stage`` (MoE experts, ptq.moe) form one stage; their Hessians (one per group) are then
         split into chunks of at most the layer's own weight bytes, so peak memory stays about one layer."""
         if not true_sequential:
             return [[n for n in ctx.lmap.linears() if n in present]]
