@@ -55,6 +55,11 @@ def branch_factors(w, density_channels: int, full: int, stats, init: str, quant:
 def print_table() -> None:
     rs = rows(TABLE)
     dense = next((r["ppl"] for r in reversed(rs) if r["spec"] == "dense"), None)
+    if dense is None:  # the same 40-window evaluation, logged by bench/cskv_smollm2.py
+        import json
+
+        first = (Path(__file__).resolve().parent / "cskv_smollm2.jsonl").read_text().splitlines()[0]
+        dense = json.loads(first)["ppl"]
     print("| K density | V density | K bits | V bits | init | B/token formula | B/token measured (T=512) | "
           "KV reduction | ppl | vs dense | rel err K | V (quantized) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -93,7 +98,7 @@ def main():
     if cc is not None and cc.exists():
         stats = torch.load(cc)
     else:
-        ids = load_calibration(DATA / "janeausten", tok, args.nsamples, 512, 0)
+        ids = load_calibration(DATA / "janeausten", tok, args.nsamples, 512, 0, bos=True)
         stats = calib_stats(model, ids, args.fit_tokens)
         if cc is not None:
             torch.save(stats, str(cc) + ".tmp")

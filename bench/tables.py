@@ -174,6 +174,38 @@ def udfc_minilm():
     return ["bits", "prune", "none", "pair", "lstsq"], body
 
 
+@renderer("ds_attention_speed")
+def ds_attention_speed():
+    """bench/ds_attention_speed.py (docs/double_sparsity.md): one decode step of attention, ms and speedup vs the
+    faster dense variant, per cached length S."""
+    by = latest(rows("ds_attention_speed"), "S", "k", "r")
+    body = []
+    for (S, k, r), x in sorted(by.items()):
+        ms, sp = x["ms"], x["speedup"]
+        body.append([str(S), str(k), str(r), f"{ms['dense sdpa']:.3f}", f"{ms['dense bmm']:.3f}",
+                     f"{ms['DS kv fp16']:.3f}", f"{ms['DS kv 4-bit']:.3f}", f"{ms['DS head fp16']:.3f}",
+                     f"{sp['DS kv fp16']:.2f}x", f"{sp['DS kv 4-bit']:.2f}x", f"{sp['DS head fp16']:.2f}x"])
+    return ["cached tokens S", "k", "r", "dense sdpa ms", "dense bmm ms", "DS fp16 labels ms", "DS 4-bit labels ms",
+            "DS per-query-head top-k ms", "speedup fp16 labels", "4-bit labels", "per query head"], body
+
+
+@renderer("cskv_equal_bytes")
+def cskv_equal_bytes():
+    """bench/cskv_equal_bytes.py (docs/cskv.md): quantization only (densities 1/1) vs channel shrinking +
+    quantization, sorted by cache bytes per token; 40 windows; dense from bench/cskv_smollm2.py's run."""
+    dense = latest(rows("cskv_smollm2"), "config")[("dense fp16 KV",)]["ppl"]
+    by = latest(rows("cskv_equal_bytes"), "spec")
+    body = []
+    for r in sorted(by.values(), key=lambda r: (-r["bytes_formula"], r["spec"])):
+        kind = "quantization only" if r["k_density"] == 1 and r["v_density"] == 1 else "shrink K" + (
+            " and V" if r["v_density"] < 1 else "") + " + quantization"
+        body.append([kind, f"{r['k_density']:g} / {r['v_density']:g}", f"{r['k_bits']} / {r['v_bits']}",
+                     r["init"], f"{r['bytes_formula']:.0f}", f"{r['bytes_measured']:.0f}",
+                     f"{100 * r['reduction']:.1f} %", f2(r["ppl"]), pct(r["ppl"] / dense - 1)])
+    return ["cache", "K / V density", "K / V bits", "init", "B/token (formula)", "B/token (measured, T=512)",
+            "KV reduction", "ppl", "vs dense"], body
+
+
 # --- checking and writing ----------------------------------------------------------------------------------------
 
 def render(name: str) -> list[str]:

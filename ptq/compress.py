@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 @dataclass
 class CompressOptions:
     model: str
-    out: str
+    out: str | None = None  # None: `default_out_dir` (in the working directory)
     recipe: str = "gptq"
     bits: int | None = None
     group_size: int | None = None
@@ -54,12 +54,38 @@ class CompressOptions:
     dtype: str = "float32"
     eval_text: str | None = None
     eval_windows: int = 40
+    bos: bool | None = None  # BOS before each calibration / --eval-text window; None = the tokenizer's setting
     eval_seqlen: int = 512
     force: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
     resume: bool = False  # continue an interrupted run from <out>.ptq-partial (ptq.resume)
     pass_options: dict = field(default_factory=dict)  # pass name -> {option: value} overrides
+    store_dtype: str = "auto"  # unquantized tensors: "auto" = as in the checkpoint, or float32/float16/bfloat16
+    embed_bits: int | None = None  # quantize embeddings / untied lm_head too (formats with EMBED_BITS)
+
+
+def default_out_dir(opts: CompressOptions, recipe: Recipe | None = None) -> Path:
+    """``<model>-<recipe>-w<bits>[a<act>][-g<group>][-<format>]`` in the working directory; group size and
+    format appear only when they differ from the recipe's defaults (e.g. ``llama-7b-osplus-w4a8``)."""
+    import re
+
+    recipe = recipe or resolve_settings(opts)[0]
+    base = load_recipe(opts.recipe).defaults  # before the CLI overrides
+    d = recipe.defaults
+    model = Path(opts.model.rstrip("/")).name or "model"
+    rname = re.sub(r"[^A-Za-z0-9._-]", "", recipe.name.replace("+", "plus")) or "recipe"
+    name = f"{model}-{rname}-w{'fp' if opts.bits == 16 else d.bits}"
+    if d.act_bits is not None:
+        name += f"a{d.act_bits}"
+    if d.group_size != base.group_size:
+        name += "-pc" if d.group_size == -1 else f"-g{d.group_size}"
+    if d.sym != base.sym:
+        name += "-sym" if d.sym else "-asym"
+    fmt = opts.format
+    if fmt is not None and fmt != base.format:
+        name += f"-{fmt}"
+    return Path.cwd() / name
 
 
 def peak_rss_bytes() -> int:
@@ -90,6 +116,8 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
             setattr(c, k, v)
     if opts.calib is not None:
         c.path = opts.calib
+    if opts.bos is not None:
+        c.bos = opts.bos
     if d.act_bits is not None and not 2 <= d.act_bits <= 16:
         raise UsageError(f"--act-bits must be in 2..16, got {d.act_bits}")
     if d.act_bits is not None and any(n == "act-quant" for n, _ in recipe.passes) and d.format != "compressed-tensors":
@@ -127,6 +155,21 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
     return recipe, spec
+
+
+def check_store_options(opts: CompressOptions, writer_cls, fmt: str) -> None:
+    """``--store-dtype`` and ``--embed-bits`` against what the format's loaders read."""
+    from ptq.export.base import STORE_DTYPES
+
+    if opts.store_dtype not in ("auto", *STORE_DTYPES):
+        raise UsageError(f"--store-dtype must be auto or one of {', '.join(STORE_DTYPES)}, got {opts.store_dtype!r}")
+    if opts.embed_bits is not None:
+        ok = getattr(writer_cls, "EMBED_BITS", ())
+        if opts.embed_bits not in ok:
+            where = f"format {fmt} takes --embed-bits {'/'.join(map(str, ok))}" if ok else \
+                f"no loader of format {fmt} reads quantized embeddings"
+            raise UsageError(f"--embed-bits {opts.embed_bits}: {where}; use --format onnx (onnxruntime "
+                             "GatherBlockQuantized, 4 or 8 bits), see docs/formats.md")
 
 
 MIN_DAMP_FEW_TOKENS = 0.1  # damping used when the calibration set has fewer unique tokens than a linear's width
@@ -169,6 +212,15 @@ def request_inputs(opts: CompressOptions, sm: StreamingModel) -> dict:
     if Path(opts.recipe).is_file():
         ins["recipe file"] = opts.recipe
     return {k: Path(v) for k, v in ins.items() if v is not None}
+
+
+def check_family(recipe: Recipe, lmap) -> None:
+    """Refuse, before any work, a pass the model family cannot run (ptq.layermap: ``LayerMap.unsupported``)."""
+    for name, _ in recipe.passes:
+        why = lmap.refusal(name)
+        if why:
+            raise UsageError(f"pass {name!r} does not support {lmap.arch}: {why}. Supported combinations: "
+                             "docs/architectures.md")
 
 
 def build_passes(recipe: Recipe, spec: QuantSpec, defaults) -> list:
@@ -246,17 +298,20 @@ def _remove_created(path: Path | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def compress(opts: CompressOptions, progress=None) -> dict:
+def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
     """Run the converter; returns the report (also written to ``<out>/report.json``).
 
     All input checks run before any file is written. The output is built in ``<out>.ptq-partial`` with a
     resume state after each layer (ptq.resume) and renamed to ``<out>`` at the very end. Bad input
     (`UsageError`, including NaN/Inf weights found mid-run) removes the partial folder; an interruption or
-    crash keeps it so ``--resume`` continues from the last finished layer.
+    crash keeps it so ``--resume`` continues from the last finished layer. ``progress(i, n, pass_name)`` is
+    called before each pass of layer i, ``on_layer(i, n)`` after layer i is written.
     """
     t0 = time.time()
     clock = StageClock()
     recipe, spec = resolve_settings(opts)
+    if not opts.out:
+        opts.out = str(default_out_dir(opts, recipe))
     check_compress_options(opts, recipe)
     try:
         with clock("load"):
@@ -265,6 +320,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     except (ModelInputError, ValueError) as e:
         raise UsageError(str(e)) from e
     out = check_output_location(opts.out, request_inputs(opts, sm), opts.force)
+    check_family(recipe, sm.lmap)
     from ptq import moe
 
     try:
@@ -284,19 +340,20 @@ def compress(opts: CompressOptions, progress=None) -> dict:
             tok = tokenizer_for(sm.folder, opts.trust_remote_code)
             c = recipe.calibration
             with clock("load"):
-                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed)
+                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos)
         except (CalibrationError, ModelInputError) as e:
             raise UsageError(str(e)) from e
         calib_check = check_calibration(calib_ids, sm.config, recipe)
     if opts.eval_text:  # checked now, not after an hour of compression
-        from calib.data import read_text, tokenize
+        from calib.data import read_text, resolve_bos, tokenize
         from ptq.eval.metrics import eval_windows
 
         if not Path(opts.eval_text).exists():
             raise UsageError(f"--eval-text file {opts.eval_text} does not exist")
         try:
-            eval_windows(tokenize(read_text(opts.eval_text), tokenizer_for(sm.folder, opts.trust_remote_code)),
-                         opts.eval_seqlen, 1)
+            tok = tokenizer_for(sm.folder, opts.trust_remote_code)
+            eval_windows(tokenize(read_text(opts.eval_text), tok), opts.eval_seqlen, 1,
+                         resolve_bos(tok, recipe.calibration.bos))
         except ModelInputError as e:
             raise UsageError(str(e)) from e
         except ValueError as e:  # CalibrationError is a ValueError
@@ -305,10 +362,12 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         writer_cls = writer_class(recipe.defaults.format)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_store_options(opts, writer_cls, recipe.defaults.format)
     passes = build_passes(recipe, spec, recipe.defaults)
     info = run_info(opts, recipe, spec, sm, calib_ids)
     fp = fingerprint({k: info[k] for k in ("model_fingerprint", "recipe", "spec", "format", "dtype", "calibration")}
-                     | {"device": opts.device, "ptq": ptq_version()})
+                     | {"device": opts.device, "ptq": ptq_version(), "store_dtype": opts.store_dtype,
+                        "embed_bits": opts.embed_bits})
 
     created = _make_parent(out)
     lock = OutputLock(out)
@@ -322,7 +381,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         raise UsageError(f"cannot lock {out}: {e.strerror}; choose another --out") from e
     try:
         return _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                           progress, clock, calib_check)
+                           progress, clock, calib_check, on_layer)
     except UsageError:
         if not partial_dir(out).exists():  # refused before anything was written (a kept partial stays)
             _remove_created(created)
@@ -332,7 +391,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
 
 
 def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                progress, clock, calib_check) -> dict:
+                progress, clock, calib_check, on_layer=None) -> dict:
     """The part of `compress` that runs while holding the output lock (ptq.outlock)."""
     if out.exists() and not opts.force:  # another run finished it while we were validating
         raise UsageError(f"output folder {out} already exists; pass --force to replace it")
@@ -362,7 +421,9 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
         shutil.rmtree(tmp)
     tmp.mkdir(exist_ok=True)
     try:
-        writer = writer_cls(tmp, sm, spec, meta={"recipe": recipe.name})
+        writer = writer_cls(tmp, sm, spec, meta={
+            "recipe": recipe.name, "store_dtype": opts.store_dtype, "embed_bits": opts.embed_bits,
+            "passes": {n: dataclasses.asdict(o) for n, o in recipe.passes}})
         stats: list[dict] = []
         start, restore = 0, None
         if resume_state is not None:
@@ -376,6 +437,8 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
 
         def on_layer_done(i, batches):
             ckpt.save(i, n_layers, batches, writer, stats, passes)
+            if on_layer is not None:
+                on_layer(i, n_layers)
 
         loop = compress_loop(sm, passes, calib_ids, spec, writer, progress=progress, start_layer=start,
                              on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore, clock=clock)
@@ -402,7 +465,8 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
         if opts.eval_text:
             with clock("eval"):
                 report["eval"] = evaluate_pair(str(tmp), opts.model, opts.eval_text, opts.eval_seqlen,
-                                               opts.eval_windows, opts.dtype)
+                                               opts.eval_windows, opts.dtype,
+                                               bos=recipe.calibration.bos)
         report["stages"] = clock.to_dict()
         report["cpu_seconds"] = round(cpu_seconds(), 2)
         report["peak_rss_bytes"] = peak_rss_bytes()
@@ -438,13 +502,15 @@ def _keep_or_remove(tmp: Path, ckpt: Checkpointer, created: Path | None, quiet: 
 
 def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: StreamingModel, calib_ids) -> dict:
     """Deterministic description of the run (manifest content and resume fingerprint)."""
-    from calib.data import calibration_hash
+    from calib.data import bos_note, calibration_hash
 
     c = recipe.calibration
     cal = None
     if calib_ids is not None:
+        bos = bos_note(tokenizer_for(sm.folder), c.bos)
         cal = {"source": Path(c.path).name if c.path else "embedded", "nsamples": c.nsamples,
-               "seqlen": c.seqlen, "seed": c.seed, "tokens_sha256": calibration_hash(calib_ids)}
+               "seqlen": c.seqlen, "seed": c.seed, "tokens_sha256": calibration_hash(calib_ids),
+               "bos": bos["bos"], "bos_source": bos["source"]}
     return {
         "recipe": {"name": recipe.name, "description": recipe.description,
                    "defaults": dataclasses.asdict(recipe.defaults),
@@ -457,9 +523,11 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
 
 
 def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
-                  dtype: str = "float32") -> dict:
-    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer."""
-    from calib.data import read_text, tokenize
+                  dtype: str = "float32", progress=None, bos: bool | None = None) -> dict:
+    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer;
+    ``progress(i, n)`` after each layer of each model. ``bos``: BOS before each window (None: the tokenizer's
+    own setting); the result says which (``bos``, ``bos_source``)."""
+    from calib.data import bos_note, read_text, resolve_bos, tokenize
     from ptq.eval.metrics import eval_windows, stream_metrics
 
     from ptq.validate import check_gate_inputs
@@ -476,7 +544,11 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     install_streaming(sm)  # activation quantizers recorded in config.json (OS+ / SmoothQuant / W8A8 recipes)
     ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
     raw = read_text(text)
-    windows = eval_windows(tokenize(raw, tokenizer_for(sm.folder)), seqlen, max_windows)
-    ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows) if ref else None
+    tok = tokenizer_for(sm.folder)
+    bos_id = resolve_bos(tok, bos)
+    windows = eval_windows(tokenize(raw, tok), seqlen, max_windows, bos_id)
+    ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows, bos_id) if ref else None
     check_gate_inputs(sm, ref, None, windows, ref_w, allow_other=True)  # same architecture and tokenizer
-    return stream_metrics(sm, windows, ref).to_dict()
+    note = bos_note(tok, bos)
+    return {**stream_metrics(sm, windows, ref, progress=progress).to_dict(), "bos": note["bos"],
+            "bos_source": note["source"]}
