@@ -1,7 +1,7 @@
 """CSKV on SmolLM2-135M: KV-cache bytes/token and wikitext-2 perplexity through the compressed (bi-branch) path.
 
     .venv/bin/python bench/cskv_smollm2.py --configs 0.5:0.5,0.25:0.25 \
-        --bits 16,4 --log cskv.jsonl
+        --bits 16,4 --log bench/results/cskv_smollm2.jsonl
 
 Calibration: 32 x 512 tokens of Jane Austen (seed 0); per layer the k/v_proj inputs give mean |x| (ASVD) and a
 token subsample for the layer-wise fit. Evaluation: wikitext-2 test, 40 non-overlapping 512-token windows, no BOS;
@@ -137,8 +137,11 @@ def main():
     def record(rec):
         log(json.dumps(rec))
         if args.log:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from results_log import context  # command, commit, cores, versions beside the numbers
+
             with open(args.log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps({"table": Path(args.log).stem, **rec, **context()}) + "\n")
 
     folder = ensure_cache()
     model, config = full_model(folder)

@@ -1,57 +1,45 @@
-"""Attention-op time, Double Sparsity vs dense, one decode step on CPU (SmolLM2-135M shapes: 9 query heads,
-3 KV heads, head_dim 64), 4k-16k cached tokens.
+"""Attention time of one decode step, dense vs Double Sparsity run time, on CPU (SmolLM2-135M head shapes: 9 query
+heads, 3 KV heads, head_dim 64), 4k-32k cached tokens, k = S/16 tokens, r = d/8 label channels.
 
-dense:   s = q K^T / sqrt(d) (GQA, per KV head), softmax, @ V                     reads K, V: 2 * Hkv * S * d
-DS:      s~ = q[C] K_label^T (label cache [rows, S, r], rows = H for `qk` labels, Hkv for `qk_kv`),
-         T = top-k(s~), then exact attention on K[T], V[T]                        reads rows*S*r + 2*H*k*d
-no-cache: the transformers path (`double_sparse_attention`), which gathers the label channels from the full K
-         at every step (no label cache), shown for honesty: it reads all of K.
+dense:  F.scaled_dot_product_attention(q [1,H,1,d], K/V [1,Hkv,S,d], enable_gqa=True) (what transformers' sdpa
+        path runs in decode) and the same as two batched matmuls per KV head; the faster one is the reference.
+DS:     `ptq.sparse.ds_runtime.sparse_decode` on a filled `DSLayer`: label scores as one matmul over the label
+        cache [Hkv, S, r] (fp16, or 4-bit codes), torch.topk, index_select of the k rows of K/V by KV-head
+        index, softmax attention on [Hkv, G, k, d]; selection per KV head (default) or per query head.
 
-Timings: thread CPU time (`time.thread_time`), ``--reps`` interleaved repetitions (variants alternate inside
-each repetition), each the mean of ``--inner`` calls; the median over repetitions is reported; torch threads 1.
+Timings: thread CPU time (unaffected by waiting for a core on a loaded machine), ``--reps`` interleaved
+repetitions (all variants inside each repetition), each the mean of ``--inner`` calls; median over repetitions;
+torch threads 1. Rows go to ``bench/results/ds_attention_speed.jsonl``.
 
-    .venv/bin/python bench/ds_attention_speed.py --lengths 4096,8192,16384
+    python bench/ds_attention_speed.py --lengths 4096,8192,16384,32768
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from ptq.sparse.double_sparsity import DSConfig, double_sparse_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_log import append  # noqa: E402
+
+from ptq.sparse.ds_runtime import DSLayer, sparse_decode  # noqa: E402
+
+TABLE = "ds_attention_speed"
 
 
-def dense_decode(q, K, V, scale):
-    """``q [Hkv, g, d]``, ``K/V [Hkv, S, d]`` -> ``[Hkv, g, d]``."""
-    p = torch.softmax(torch.bmm(q, K.transpose(1, 2)) * scale, -1)
-    return torch.bmm(p, V)
-
-
-def ds_decode(q, K, V, label_cache, ch, kk, scale):
-    """Label-cache Double Sparsity decode. ``q [Hkv, g, d]``, ``label_cache [rows, S, r]``, ``ch [rows, r]``."""
-    Hkv, g, d = q.shape
-    S = K.shape[1]
-    rows = label_cache.shape[0]
-    if rows == Hkv:  # one label set per KV group: q heads of a group share the cache
-        ql = q.gather(-1, ch[:, None, :].expand(Hkv, g, ch.shape[1]))  # [Hkv, g, r]
-        approx = torch.bmm(ql, label_cache.transpose(1, 2))  # [Hkv, g, S]
-    else:  # per query head
-        qh = q.reshape(Hkv * g, 1, d)
-        ql = qh.gather(-1, ch[:, None, :])  # [H, 1, r]
-        approx = torch.bmm(ql, label_cache.transpose(1, 2)).view(Hkv, g, S)
-    idx = approx.topk(kk, -1).indices  # [Hkv, g, k]
-    flat = (idx + torch.arange(Hkv)[:, None, None] * S).reshape(-1)
-    Ks = K.reshape(Hkv * S, d).index_select(0, flat).view(Hkv * g, kk, d)
-    Vs = V.reshape(Hkv * S, d).index_select(0, flat).view(Hkv * g, kk, d)
-    p = torch.softmax(torch.bmm(q.reshape(Hkv * g, 1, d), Ks.transpose(1, 2)) * scale, -1)
-    return torch.bmm(p, Vs).view(Hkv, g, d)
+def dense_bmm(q, K, V, scale):
+    """``q [Hkv, G, d]``, ``K/V [Hkv, S, d]``."""
+    return torch.bmm(torch.softmax(torch.bmm(q, K.transpose(1, 2)) * scale, -1), V)
 
 
 def timed(fn, inner):
-    """Mean CPU time of this thread per call (``thread_time``: unaffected by waiting for a core on a loaded
-    machine; wall time there measures the scheduler, not the op)."""
     t = time.thread_time()
     for _ in range(inner):
         fn()
@@ -60,55 +48,56 @@ def timed(fn, inner):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="4096,8192,16384")
-    ap.add_argument("--heavy", default="16", help="token sparsity denominators: k = S / x")
-    ap.add_argument("--r", default="16,8")
-    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--lengths", default="4096,8192,16384,32768")
+    ap.add_argument("--frac", type=int, default=16, help="k = S / frac")
+    ap.add_argument("--rdiv", type=int, default=8, help="r = d / rdiv")
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--inner", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-log", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     H, Hkv, d = 9, 3, 64
-    g, scale = H // Hkv, d**-0.5
+    G, scale, r = H // Hkv, d**-0.5, d // args.rdiv
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    print("| S | k | r | dense sdpa ms | dense bmm ms | DS kv fp16 ms | DS kv 4-bit ms | DS head fp16 ms | "
+          "speedup kv fp16 | kv 4-bit | head fp16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for S in [int(x) for x in args.lengths.split(",")]:
-        K, V = torch.randn(Hkv, S, d, generator=gen), torch.randn(Hkv, S, d, generator=gen)
-        q = torch.randn(Hkv, g, d, generator=gen)
-        variants = {"dense": lambda: dense_decode(q, K, V, scale)}
-        for frac in [int(x) for x in args.heavy.split(",")]:
-            kk = S // frac
-            for r in [int(x) for x in args.r.split(",")]:
-                ch_h = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(H)])
-                ch_kv = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(Hkv)])
-                Kh = K.repeat_interleave(g, 0)
-                lc_h = Kh.gather(-1, ch_h[:, None, :].expand(H, S, r)).contiguous()  # [H, S, r]
-                lc_kv = K.gather(-1, ch_kv[:, None, :].expand(Hkv, S, r)).contiguous()  # [Hkv, S, r]
-                variants[f"DS k=S/{frac} r={r} qk (label cache [H,S,r])"] = (
-                    lambda lc=lc_h, ch=ch_h, kk=kk: ds_decode(q, K, V, lc, ch, kk, scale))
-                variants[f"DS k=S/{frac} r={r} qk_kv (label cache [Hkv,S,r])"] = (
-                    lambda lc=lc_kv, ch=ch_kv, kk=kk: ds_decode(q, K, V, lc, ch, kk, scale))
-                cfg = DSConfig(heavy_tokens=kk, heavy_channels=r, label_bits=16)
-                labels = torch.cat([ch_h, torch.stack([torch.tensor([c for c in range(d) if c not in set(x.tolist())])
-                                                       for x in ch_h])], 1)
-                q4, K4, V4 = q.reshape(1, H, 1, d), K[None], V[None]
-                variants[f"DS k=S/{frac} r={r} transformers path (no label cache)"] = (
-                    lambda cfg=cfg, labels=labels: double_sparse_attention(q4, K4, V4, labels, cfg, scale, None))
+        kk = S // args.frac
+        K, V = torch.randn(1, Hkv, S, d, generator=gen), torch.randn(1, Hkv, S, d, generator=gen)
+        q = torch.randn(1, H, 1, d, generator=gen)
+        ch = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(Hkv)])
+        layers = {}
+        for bits in (16, 4):
+            lay = DSLayer(ch.clone(), bits)
+            for s in range(0, S, 4096):  # filled in prefill-sized chunks
+                lay.update(K[:, :, s:s + 4096], V[:, :, s:s + 4096])
+            layers[bits] = lay
+        Kc, Vc, qg = K[0].contiguous(), V[0].contiguous(), q.view(Hkv, G, d)
+        variants = {
+            "dense sdpa": lambda: F.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True),
+            "dense bmm": lambda: dense_bmm(qg, Kc, Vc, scale),
+            "DS kv fp16": lambda: sparse_decode(q, layers[16], kk, scale, 16, "kv"),
+            "DS kv 4-bit": lambda: sparse_decode(q, layers[4], kk, scale, 4, "kv"),
+            "DS head fp16": lambda: sparse_decode(q, layers[16], kk, scale, 16, "head"),
+        }
         times = {n: [] for n in variants}
-        for n, f in variants.items():  # warm-up
+        for f in variants.values():
             timed(f, 2)
         for _ in range(args.reps):
             for n, f in variants.items():
                 times[n].append(timed(f, args.inner))
-        med = {n: statistics.median(t) for n, t in times.items()}
-        for n in variants:
-            rows.append((S, n, med[n] * 1e3, med[n] / med["dense"]))
-    print(f"\nattention op, one decode step, H={H} Hkv={Hkv} d={d}, threads={args.threads}, "
-          f"thread CPU time, median of {args.reps} interleaved reps x {args.inner} calls")
-    print("| S | variant | ms | time ratio vs dense |")
-    print("|---|---|---|---|")
-    for S, n, ms, ratio in rows:
-        print(f"| {S} | {n} | {ms:.3f} | {ratio:.3f} |")
+        ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+        dense = min(ms["dense sdpa"], ms["dense bmm"])
+        sp = {n: dense / ms[n] for n in ("DS kv fp16", "DS kv 4-bit", "DS head fp16")}
+        print(f"| {S} | {kk} | {r} | {ms['dense sdpa']:.3f} | {ms['dense bmm']:.3f} | {ms['DS kv fp16']:.3f} | "
+              f"{ms['DS kv 4-bit']:.3f} | {ms['DS head fp16']:.3f} | {sp['DS kv fp16']:.2f} | "
+              f"{sp['DS kv 4-bit']:.2f} | {sp['DS head fp16']:.2f} |", flush=True)
+        if not args.no_log:
+            append(TABLE, {"S": S, "k": kk, "r": r, "heads": H, "kv_heads": Hkv, "head_dim": d,
+                           "ms": {n: round(v, 4) for n, v in ms.items()}, "dense_ms": round(dense, 4),
+                           "speedup": {n: round(v, 3) for n, v in sp.items()},
+                           "reps": args.reps, "inner": args.inner})
 
 
 if __name__ == "__main__":

@@ -4,31 +4,45 @@ Perplexity: ``--windows`` non-overlapping 2048-token wikitext-2 test windows (no
 ("all") and only positions >= 1024 ("tail", where a query sees >= 1024 keys, so k = 128..512 really prunes).
 Configs: dense; token sparsity k/2048 in {1/4, 1/8, 1/16} x r in {d/4, d/8} x {calibrated, random} labels
 (fp labels), plus calibrated 4-bit labels at r = d/4. First two layers dense, sparse prefill (the reference's
-perplexity protocol).
+perplexity protocol) through the accuracy-study path: each query keeps its own top-k, as token-by-token decoding
+with the run time's DSCache would (tests/test_double_sparsity.py checks the equality). ``--selection kv`` (run-time
+default: KV-head labels, one top-k per KV head) or ``query-labels`` (per-query-head labels and top-k, the
+reference's and this file's earlier tables; use ``--channel-type qk``).
 
 Retrieval: ``--keys`` lines "The pass key for NAME is NNNNN." planted at random depths of Jane Austen filler;
 the prompt ends with "... The pass key for NAME is" and 8 tokens are decoded greedily; a hit when the number
-appears. Sparse "all" = sparse prefill and decode; "decode" = dense prefill, sparse decode (SGLang style).
+appears. "runtime" = generate() with the DSCache (dense prefill, label-cache sparse decode, SGLang style);
+"all" = sparse prefill and decode through the accuracy-study path (a DynamicCache is passed).
 
-    .venv/bin/python bench/ds_smollm2.py --labels out/smollm2-ds --part ppl --windows 4
-    .venv/bin/python bench/ds_smollm2.py --labels out/smollm2-ds --part retrieval --lengths 1024 --heavy 16 --trials 8
+    python bench/ds_smollm2.py --labels out/smollm2-ds --part ppl --windows 2
+    python bench/ds_smollm2.py --labels out/smollm2-ds --part retrieval --lengths 1024 --heavy 16 --trials 8
+
+Rows go to ``bench/results/ds_smollm2_ppl.jsonl`` and ``ds_smollm2_retrieval.jsonl``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_log import append  # noqa: E402
 
 from ptq.model_io import full_model, tokenizer_for
 from ptq.sparse.double_sparsity import DSConfig, install, load_labels, random_labels, uninstall
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 @torch.no_grad()
@@ -51,16 +65,19 @@ def ppl_table(model, cfgm, labels_cal, args):
     wins = eval_windows(tokenize(read_text(args.text), tok), args.seqlen, args.windows)
     H = cfgm.num_attention_heads
     d = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // H
-    labels_rand = {i: random_labels(H, d, seed=1000 + i) for i in range(cfgm.num_hidden_layers)}
+    rows_lab = next(iter(labels_cal.values())).shape[0]
+    labels_rand = {i: random_labels(rows_lab, d, seed=1000 + i) for i in range(cfgm.num_hidden_layers)}
     runs = [("dense", None, None)]
     for frac in (4, 8, 16):
         kk = args.seqlen // frac
         for rdiv in (4, 8):
             for name, lab in (("calibrated", labels_cal), ("random", labels_rand)):
                 runs.append((f"1/{frac} r=d/{rdiv} {name}", lab,
-                             DSConfig(heavy_tokens=kk, heavy_channels=d // rdiv, label_bits=16)))
+                             DSConfig(heavy_tokens=kk, heavy_channels=d // rdiv, label_bits=16, study=True,
+                                      selection=args.selection)))
         runs.append((f"1/{frac} r=d/4 calibrated 4-bit", labels_cal,
-                     DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4)))
+                     DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4, study=True,
+                              selection=args.selection)))
     if args.only:
         runs = [r for r in runs if any(o in r[0] for o in args.only.split(","))]
     half = args.seqlen // 2
@@ -75,6 +92,8 @@ def ppl_table(model, cfgm, labels_cal, args):
         row = {"config": name, "ppl": math.exp(nll.mean()), "ppl_tail": math.exp(nll[:, half - 1:].mean()),
                "seconds": round(time.time() - t0, 1)}
         rows.append(row)
+        append("ds_smollm2_ppl", {**row, "windows": wins.shape[0], "seqlen": args.seqlen,
+                                  "selection": args.selection, "channel_type": args.channel_type})
         print(json.dumps(row), flush=True)
     uninstall(model)
     print(f"\nwikitext-2 test, {wins.shape[0]} windows x {args.seqlen} tokens, first 2 layers dense")
@@ -117,32 +136,41 @@ def retrieval_table(model, cfgm, labels_cal, args):
     filler = tokenize(read_text(DATA / "janeausten"), tok)
     H = cfgm.num_attention_heads
     d = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // H
-    labels_rand = {i: random_labels(H, d, seed=1000 + i) for i in range(cfgm.num_hidden_layers)}
+    rows_lab = next(iter(labels_cal.values())).shape[0]
+    labels_rand = {i: random_labels(rows_lab, d, seed=1000 + i) for i in range(cfgm.num_hidden_layers)}
     rows = []
+    cache_key = "cache" if "cache" in type(model).forward.__code__.co_varnames else "past_key_values"
     for L in [int(x) for x in args.lengths.split(",")]:
         rng = random.Random(L)
         prompts = [retrieval_prompt(tok, filler, L, args.keys, rng) for _ in range(args.trials)]
         runs = [("dense", None, None)]
         for frac in [int(x) for x in args.heavy.split(",")]:
             kk = L // frac
-            for mode, prefill in (("all", True), ("decode", False)):
+            for mode in ("all", "runtime"):
                 runs.append((f"k={kk} r=d/4 4-bit calibrated ({mode})", labels_cal,
-                             DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4, sparse_prefill=prefill)))
+                             DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4, study=True,
+                                      selection=args.selection)))
             runs.append((f"k={kk} r=d/4 4-bit random (all)", labels_rand,
-                         DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4)))
+                         DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4, study=True,
+                                  selection=args.selection)))
         if args.only:
             runs = [r for r in runs if any(o in r[0] for o in args.only.split(","))]
         for name, lab, dcfg in runs:
             t0 = time.time()
             uninstall(model) if dcfg is None else install(model, lab, dcfg)
             hits = 0
+            from transformers import DynamicCache
+
             for ids, ans in prompts:
+                extra = {cache_key: DynamicCache()} if name.endswith("(all)") else {}  # study path, not DSCache
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                     pad_token_id=tok.eos_token_id)
+                                     pad_token_id=tok.eos_token_id, **extra)
                 hits += ans in tok.decode(gen[0, ids.shape[1]:])
             row = {"length": L, "config": name, "acc": hits / len(prompts), "n": len(prompts),
                    "seconds": round(time.time() - t0, 1)}
             rows.append(row)
+            append("ds_smollm2_retrieval", {**row, "keys": args.keys, "selection": args.selection,
+                                            "channel_type": args.channel_type})
             print(json.dumps(row), flush=True)
     uninstall(model)
     print(f"\npass-key retrieval, {args.keys} keys planted in Austen filler, {args.trials} prompts per length")
@@ -167,6 +195,8 @@ def main():
     ap.add_argument("--keys", type=int, default=4)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--selection", default="kv", choices=["kv", "head", "query-labels"])
+    ap.add_argument("--channel-type", default="qk_kv", choices=["qk_kv", "qk", "q", "k"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model is None:
@@ -174,7 +204,7 @@ def main():
 
         args.model = str(ensure_cache())
     model, cfgm = full_model(args.model)
-    labels, _ = load_labels(args.labels, "qk")
+    labels, _ = load_labels(args.labels, args.channel_type)
     if args.part in ("ppl", "all"):
         ppl_table(model, cfgm, labels, args)
     if args.part in ("retrieval", "all"):

@@ -26,14 +26,16 @@ def read_text(path: str | Path | None) -> str:
     p = Path(path)
     if not p.exists():
         raise CalibrationError(f"calibration path {p} does not exist")
+    from ptq.validate import read_text_file  # bounded, and binary files are refused (never decoded as junk)
+
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
         if not files:
             raise CalibrationError(f"calibration folder {p} has no .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        return "\n\n".join(read_text_file(f, "text file") for f in files)
     if p.suffix == ".jsonl":
         parts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(read_text_file(p, "text file").splitlines()):
             if not line.strip():
                 continue
             try:
@@ -44,7 +46,7 @@ def read_text(path: str | Path | None) -> str:
                 raise CalibrationError(f"{p}:{i + 1}: each JSONL line needs a string field 'text'")
             parts.append(rec["text"])
         return "\n\n".join(parts)
-    return p.read_text(encoding="utf-8", errors="replace")
+    return read_text_file(p, "text file")
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:
@@ -83,3 +85,15 @@ def bos_id_of(tokenizer) -> int | None:
 def calibration_hash(ids: torch.Tensor) -> str:
     """sha256 of the token ids actually used (recorded in the manifest)."""
     return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def calibration_coverage(ids: torch.Tensor, ngram: int = 8) -> dict:
+    """How much distinct text the windows ``ids [n, L]`` hold: ``unique_tokens`` estimates the distinct text
+    positions as the number of distinct ``ngram``-token runs (overlapping windows repeat theirs), ``reuse`` =
+    tokens used / unique tokens (1.0 = every token used once)."""
+    ngram = min(ngram, ids.shape[1])
+    grams = ids.unfold(1, ngram, 1).reshape(-1, ngram)
+    heads = int(torch.unique(ids[:, :ngram], dim=0).shape[0])  # distinct windows (each starts ngram-1 tokens early)
+    unique = int(torch.unique(grams, dim=0).shape[0]) + heads * (ngram - 1)
+    unique = min(unique, ids.numel())
+    return {"tokens": int(ids.numel()), "unique_tokens": unique, "reuse": round(ids.numel() / max(1, unique), 3)}

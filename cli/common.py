@@ -9,5 +9,8 @@ console = Console(stderr=True)
 
 
 def fail(msg: str, code: int = 2):
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    """One ``error:`` line on stderr (whitespace collapsed, so a wrapped library message stays one line)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(' '.join(str(msg).split()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -138,6 +138,7 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
                     validate: bool = True, embed_bits: int | None = None) -> dict:
     """`ptq compress --format onnx` / `ptq export`: compressed folder -> ONNX folder (+ config/tokenizer files)."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    _refuse_moe(Path(compressed_dir))
     model, qweights, rep = load_compressed(Path(compressed_dir))
     cfg = json.loads((Path(compressed_dir) / "config.json").read_text())
     from ptq.passes.act_quant import SPEC_KEY, _Getter
@@ -167,11 +168,27 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
     report["quantized_at_export"] = extra
     if act_spec:
         report["act_quant_scheme"] = {k: act_spec[k] for k in ("bits", "granularity", "sym")}
+    from ptq.validate import side_file
+
     for f in COPY_FILES:
-        if (Path(compressed_dir) / f).exists():
-            shutil.copy2(Path(compressed_dir) / f, Path(out_dir) / f)
+        p = side_file(Path(compressed_dir), f)  # never through a link that leaves the folder
+        if p is not None:
+            shutil.copyfile(p, Path(out_dir) / f)
     (Path(out_dir) / "onnx_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _refuse_moe(compressed_dir: Path) -> None:
+    """The graph export cannot trace data-dependent expert routing (docs/architectures.md)."""
+    from ptq import moe
+
+    try:
+        mt = json.loads((compressed_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    if mt in moe.ARCHS:
+        raise ValueError(f"ONNX export does not support mixture-of-experts models ({mt}); use the gptq or "
+                         "compressed-tensors checkpoint (see docs/architectures.md)")
 
 
 def register(app) -> None:

@@ -29,6 +29,9 @@ def gate(
     windows: int = typer.Option(40, help="number of evaluation windows"),
     topk: int = typer.Option(8, help="reference tokens stored per position by --save-baseline (for KL)"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+    allow_other_baseline: bool = typer.Option(False, "--allow-other-baseline",
+                                              help="compare with a baseline that is not the artifact's source "
+                                                   "model (same architecture and tokenizer still required)"),
 ):
     """Evaluate COMPRESSED against a baseline and fail (exit 1) when a threshold is crossed."""
     from cli.common import fail
@@ -48,14 +51,18 @@ def gate(
             raise GateInputError("--seqlen must be >= 2 and --windows >= 1")
         if not save_baseline:
             th.validate()
+        if save_baseline:
+            _check_save_path(save_baseline, [compressed, baseline, text])
         stored = load_baseline(baseline_json) if baseline_json else None
         metrics, base = measure(compressed, text, seqlen, windows, baseline=baseline, stored=stored,
-                                topk=topk if save_baseline else 0)
+                                topk=topk if save_baseline else 0, allow_other_baseline=allow_other_baseline)
         checks = check(metrics, th) if any(v is not None for v in vars(th).values()) else []
     except (GateInputError, ModelInputError) as e:
         fail(str(e))
-    except ValueError as e:  # e.g. unsupported architecture from the loader
+    except ValueError as e:  # e.g. unsupported architecture from the loader, a binary --text file
         fail(str(e))
+    except OSError as e:
+        fail(f"cannot read an input: {e}")
     if save_baseline:
         write_baseline(save_baseline, base)
     report = gate_report(metrics, checks)
@@ -67,6 +74,24 @@ def gate(
         Console(stderr=True).print(f"baseline written to {save_baseline}", highlight=False)
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+def _check_save_path(path: str, inputs: list) -> None:
+    """--save-baseline: a new or replaceable file in an existing writable folder, not one of the inputs."""
+    import os
+    from pathlib import Path
+
+    from ptq.gate import GateInputError
+
+    p = Path(path)
+    if p.is_dir() or p.is_symlink():
+        raise GateInputError(f"--save-baseline {path} is a folder or a link; give a file path")
+    parent = p.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise GateInputError(f"--save-baseline: cannot write in {parent} (missing, not a folder or read-only)")
+    for i in inputs:
+        if i and (Path(i).resolve() == p.resolve() or p.resolve().is_relative_to(Path(i).resolve())):
+            raise GateInputError(f"--save-baseline {path} would overwrite or write inside an input ({i})")
 
 
 def _table(name: str, metrics: dict, checks, passed: bool) -> Table:

@@ -25,12 +25,18 @@ def inspect(
         m = read_manifest(folder)
     except ValueError as e:
         fail(str(e))
-    problems = verify_files(folder, m) if verify else []
+    try:
+        problems = verify_files(folder, m) if verify else []
+        tables = [] if json_out else [_summary(folder, m), _layers(m), _files(m)]
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        fail(f"{folder}/manifest.json is malformed ({type(e).__name__}: {e}); rewrite it with ptq compress")
+    except OSError as e:
+        fail(f"cannot read {folder}: {e}")
     con = Console()
     if json_out:
         print(json.dumps(m, indent=2, sort_keys=True))
     else:
-        for t in (_summary(folder, m), _layers(m), _files(m)):
+        for t in tables:
             con.print(t)
     if verify:
         err = Console(stderr=True)

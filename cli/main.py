@@ -42,6 +42,7 @@ def compress(
     bits: Optional[int] = typer.Option(None, help="weight bits 2..8 (16 = unquantized, udfc only; default from the recipe)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="group size along K, -1 = per channel"),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="symmetric or asymmetric weights"),
+    clip: Optional[str] = typer.Option(None, "--clip", help="weight clipping search: none | mse | octav (default from the recipe)"),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="activation bits (OS+/SmoothQuant recipes)"),
     prune_ratio: Optional[float] = typer.Option(None, "--prune-ratio", help="UDFC: fraction of MLP channels pruned"),
     fmt: Optional[str] = typer.Option(None, "--format", help="gptq | compressed-tensors | fp | onnx"),
@@ -68,7 +69,7 @@ def compress(
         overrides.setdefault("udfc", {})["prune_ratio"] = prune_ratio
     onnx = fmt == "onnx"
     opts = CompressOptions(model=model, out=str(out), recipe=recipe, bits=bits, group_size=group_size, sym=sym,
-                           act_bits=act_bits, format=None if onnx else fmt, calib=calib, nsamples=nsamples,
+                           clip=clip, act_bits=act_bits, format=None if onnx else fmt, calib=calib, nsamples=nsamples,
                            seqlen=seqlen, seed=seed, device=device, dtype=dtype, eval_text=eval_text,
                            eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, pass_options=overrides, resume=resume)
@@ -83,6 +84,8 @@ def compress(
             report = run(opts, progress=progress)
         except UsageError as e:
             fail(str(e))
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
         bar.update(task, completed=bar.tasks[0].total or 0, description="done")
     if onnx:
         from cli.export_cmd import export_onnx_dir
@@ -175,5 +178,22 @@ def _register_optional():
 
 _register_optional()
 
+
+def main() -> None:
+    """Console entry point. Exit codes: 0 ok, 1 regression / changed file, 2 bad input (one ``error:`` line),
+    3 internal error (a bug: traceback, then a note), 130 interrupted. Never 1 for a crash, which CI would
+    read as an accuracy regression."""
+    import traceback
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        print("ptq: internal error (exit 3); please report it with the traceback above", file=sys.stderr)
+        sys.exit(3)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -6,7 +6,6 @@ folder to the output only when all of it succeeded (nothing half-written on fail
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import resource
@@ -25,15 +24,15 @@ from ptq.model_io import ModelInputError, StreamingModel, WeightSource, dir_size
 from ptq.passes import get_pass_class
 from ptq.pipeline import StageClock, compress_loop
 from ptq.quant.primitives import QuantSpec
-from ptq.resume import Checkpointer, fingerprint, is_state_file, model_fingerprint, not_resumable, partial_dir
-from ptq.recipes import Recipe, load_recipe
+from ptq.outlock import OutputLock, OutputLocked
+from ptq.resume import (FINGERPRINT_KIND, Checkpointer, fingerprint, is_state_file, model_fingerprint, not_resumable,
+                        partial_dir)
+from ptq.recipes import Recipe, load_recipe, override_options
+from ptq.validate import (UsageError, check_compress_options, check_model, check_output_location, is_disk_full,
+                          model_identity)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-class UsageError(ValueError):
-    """Bad user input; the CLI prints it on one line and exits 2."""
 
 
 @dataclass
@@ -44,6 +43,7 @@ class CompressOptions:
     bits: int | None = None
     group_size: int | None = None
     sym: bool | None = None
+    clip: str | None = None  # none | mse | octav
     act_bits: int | None = None
     format: str | None = None
     calib: str | None = None
@@ -79,7 +79,7 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     except ValueError as e:
         raise UsageError(str(e)) from e
     d = recipe.defaults
-    for k in ("bits", "group_size", "sym", "act_bits", "format"):
+    for k in ("bits", "group_size", "sym", "clip", "act_bits", "format"):
         v = getattr(opts, k)
         if v is not None:
             setattr(d, k, v)
@@ -106,17 +106,22 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
             for _, o in recipe.passes:
                 o.quantize = False
             d.bits, d.format = 8, "fp"  # placeholder spec (QuantSpec needs 2..8); nothing is quantized
-        spec = QuantSpec(bits=d.bits, group_size=d.group_size, sym=d.sym, mse=d.mse)
+        spec = QuantSpec(bits=d.bits, group_size=d.group_size, sym=d.sym, mse=d.mse, clip=d.clip)
     except ValueError as e:
         raise UsageError(str(e)) from e
     for pname, popts in opts.pass_options.items():
-        match = [o for n, o in recipe.passes if n == pname]
-        if not match:
+        idx = [i for i, (n, _) in enumerate(recipe.passes) if n == pname]
+        if not idx:
             raise UsageError(f"option for pass {pname!r}, which recipe {recipe.name!r} does not run")
-        for k, v in popts.items():
-            if not hasattr(match[0], k):
+        for k in popts:
+            if not hasattr(recipe.passes[idx[0]][1], k):
                 raise UsageError(f"pass {pname!r} has no option {k!r}")
-            setattr(match[0], k, v)
+        for i in idx:
+            try:
+                new = override_options(recipe.passes[i][1], popts, f"--set {pname}", pname)
+            except ValueError as e:
+                raise UsageError(str(e)) from e
+            recipe.passes[i] = (pname, new)
     if opts.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
@@ -124,14 +129,46 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     return recipe, spec
 
 
-def check_output(out: Path, model_dir: Path | None, force: bool) -> None:
-    out = out.resolve()
-    if model_dir is not None:
-        md = model_dir.resolve()
-        if out == md or out.is_relative_to(md):
-            raise UsageError(f"output {out} is inside the input model folder {md}; choose another --out")
-    if out.exists() and not force:
-        raise UsageError(f"output folder {out} already exists; pass --force to replace it")
+MIN_DAMP_FEW_TOKENS = 0.1  # damping used when the calibration set has fewer unique tokens than a linear's width
+
+
+def check_calibration(calib_ids: torch.Tensor, config, recipe: Recipe) -> dict:
+    """Warn when the calibration windows repeat text or hold fewer unique tokens than the widest linear input
+    (its Hessian is then rank-deficient); in that case raise Hessian damping to ``MIN_DAMP_FEW_TOKENS`` in every
+    pass that has a ``damp`` option. Returns what was found and done (recorded in report.json)."""
+    from calib.data import calibration_coverage
+
+    cov = calibration_coverage(calib_ids)
+    widths = [getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "ffn_dim")]
+    width = max(w for w in widths if isinstance(w, int))
+    cov["widest_linear_input"] = width
+    cov["warnings"] = []
+    if cov["reuse"] > 1.05:
+        cov["warnings"].append(f"calibration windows overlap: {cov['tokens']} tokens drawn from ~{cov['unique_tokens']} "
+                               f"distinct ones (each used ~{cov['reuse']:.1f}x); give more text (--calib) or fewer "
+                               "--nsamples")
+    if cov["unique_tokens"] < width:
+        raised = {}
+        for name, o in recipe.passes:
+            if hasattr(o, "damp") and o.damp < MIN_DAMP_FEW_TOKENS:
+                raised[name] = (o.damp, MIN_DAMP_FEW_TOKENS)
+                o.damp = MIN_DAMP_FEW_TOKENS
+        cov["damp_raised"] = {k: v[1] for k, v in raised.items()}
+        cov["warnings"].append(f"only ~{cov['unique_tokens']} unique calibration tokens for linears {width} wide: "
+                               "their Hessians are rank-deficient"
+                               + (f"; damping raised to {MIN_DAMP_FEW_TOKENS}" if raised else "")
+                               + "; give more calibration text")
+    for w in cov["warnings"]:
+        print(f"ptq: warning: {w}", file=sys.stderr)
+    return cov
+
+
+def request_inputs(opts: CompressOptions, sm: StreamingModel) -> dict:
+    """Every input path of the request (label -> path): the output may neither contain nor sit inside them."""
+    ins = {"input model": sm.folder, "calibration data": opts.calib, "--eval-text file": opts.eval_text}
+    if Path(opts.recipe).is_file():
+        ins["recipe file"] = opts.recipe
+    return {k: Path(v) for k, v in ins.items() if v is not None}
 
 
 def build_passes(recipe: Recipe, spec: QuantSpec, defaults) -> list:
@@ -220,29 +257,37 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     t0 = time.time()
     clock = StageClock()
     recipe, spec = resolve_settings(opts)
-    out = Path(opts.out)
+    check_compress_options(opts, recipe)
     try:
         with clock("load"):
             sm = StreamingModel.open(opts.model, dtype=DTYPES[opts.dtype], device=opts.device,
                                      allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
     except (ModelInputError, ValueError) as e:
         raise UsageError(str(e)) from e
-    check_output(out, sm.folder, opts.force)
+    out = check_output_location(opts.out, request_inputs(opts, sm), opts.force)
+    from ptq import moe
+
+    try:
+        moe.check_passes(sm.lmap, [n for n, _ in recipe.passes])
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    check_model(sm, recipe, spec, opts)
     for path in sm.lmap.embed:  # already materialized by open(); later reads go through FiniteSource
         for name, p in get_module(sm.model, path).named_parameters():
             check_finite(f"{path}.{name}", p.data)
     sm.source = FiniteSource(sm.source)
-    calib_ids = None
+    calib_ids, calib_check = None, None
     if recipe.needs_calibration:
         from calib.data import CalibrationError, load_calibration
 
         try:
-            tok = tokenizer_for(sm.folder)
+            tok = tokenizer_for(sm.folder, opts.trust_remote_code)
             c = recipe.calibration
             with clock("load"):
                 calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed)
-        except CalibrationError as e:
+        except (CalibrationError, ModelInputError) as e:
             raise UsageError(str(e)) from e
+        calib_check = check_calibration(calib_ids, sm.config, recipe)
     if opts.eval_text:  # checked now, not after an hour of compression
         from calib.data import read_text, tokenize
         from ptq.eval.metrics import eval_windows
@@ -250,7 +295,10 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         if not Path(opts.eval_text).exists():
             raise UsageError(f"--eval-text file {opts.eval_text} does not exist")
         try:
-            eval_windows(tokenize(read_text(opts.eval_text), tokenizer_for(sm.folder)), opts.eval_seqlen, 1)
+            eval_windows(tokenize(read_text(opts.eval_text), tokenizer_for(sm.folder, opts.trust_remote_code)),
+                         opts.eval_seqlen, 1)
+        except ModelInputError as e:
+            raise UsageError(str(e)) from e
         except ValueError as e:  # CalibrationError is a ValueError
             raise UsageError(f"--eval-text: {e}") from e
     try:
@@ -262,6 +310,32 @@ def compress(opts: CompressOptions, progress=None) -> dict:
     fp = fingerprint({k: info[k] for k in ("model_fingerprint", "recipe", "spec", "format", "dtype", "calibration")}
                      | {"device": opts.device, "ptq": ptq_version()})
 
+    created = _make_parent(out)
+    lock = OutputLock(out)
+    try:
+        lock.acquire()
+    except OutputLocked as e:
+        _remove_created(created)
+        raise UsageError(str(e)) from e
+    except OSError as e:
+        _remove_created(created)
+        raise UsageError(f"cannot lock {out}: {e.strerror}; choose another --out") from e
+    try:
+        return _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
+                           progress, clock, calib_check)
+    except UsageError:
+        if not partial_dir(out).exists():  # refused before anything was written (a kept partial stays)
+            _remove_created(created)
+        raise
+    finally:
+        lock.release()
+
+
+def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
+                progress, clock, calib_check) -> dict:
+    """The part of `compress` that runs while holding the output lock (ptq.outlock)."""
+    if out.exists() and not opts.force:  # another run finished it while we were validating
+        raise UsageError(f"output folder {out} already exists; pass --force to replace it")
     tmp = partial_dir(out)
     ckpt = Checkpointer(tmp, fp)
     resume_state = None
@@ -286,7 +360,6 @@ def compress(opts: CompressOptions, progress=None) -> dict:
 
     if resume_state is None and tmp.exists():
         shutil.rmtree(tmp)
-    created = _make_parent(out)
     tmp.mkdir(exist_ok=True)
     try:
         writer = writer_cls(tmp, sm, spec, meta={"recipe": recipe.name})
@@ -310,13 +383,15 @@ def compress(opts: CompressOptions, progress=None) -> dict:
             writer.write_nonlayer()
             writer.finalize(loop.artifacts)
             write_manifest(tmp, build_manifest(tmp, layers=loop.layer_stats, **{k: info[k] for k in (
-                "recipe", "spec", "format", "dtype", "model_name", "model_fingerprint", "calibration")}))
+                "recipe", "spec", "format", "dtype", "model_name", "model_fingerprint", "calibration")},
+                model_identity=info["model_identity"]))
         t_compress = time.time() - t0
         report = {
             "recipe": recipe.name, "spec": dataclasses.asdict(spec),
             "defaults": dataclasses.asdict(recipe.defaults), "format": recipe.defaults.format,
             "passes": [{"name": n, **dataclasses.asdict(o)} for n, o in recipe.passes],
             "calibration": dataclasses.asdict(recipe.calibration) if calib_ids is not None else None,
+            "calibration_check": calib_check,
             "resumed_from_layer": start if resume_state is not None else None,
             "compress_seconds": round(t_compress, 2),
             "size_before_bytes": dir_size(sm.folder) if sm.folder else None,
@@ -336,18 +411,15 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except UsageError:
+    except (UsageError, ModelInputError) as e:  # bad input found mid-run (NaN weights, unreadable tensor)
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
-        raise
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
+        raise e if isinstance(e, UsageError) else UsageError(str(e)) from e
+    except BaseException as e:
+        if is_disk_full(e):  # an OSError, or a safetensors error wrapping ENOSPC
             _keep_or_remove(tmp, ckpt, created, quiet=True)
             raise UsageError(f"disk full while writing {tmp}; finished layers are kept there: free some space "
                              "and rerun with --resume") from e
-        _keep_or_remove(tmp, ckpt, created)
-        raise
-    except BaseException:
         _keep_or_remove(tmp, ckpt, created)
         raise
     return report
@@ -380,6 +452,7 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
         "spec": dataclasses.asdict(spec), "format": recipe.defaults.format, "dtype": opts.dtype,
         "model_name": Path(sm.folder).name if sm.folder else None,
         "model_fingerprint": model_fingerprint(sm.folder), "calibration": cal,
+        "model_identity": {"fingerprint_kind": FINGERPRINT_KIND, **model_identity(sm.config)},
     }
 
 
@@ -389,11 +462,21 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     from calib.data import read_text, tokenize
     from ptq.eval.metrics import eval_windows, stream_metrics
 
+    from ptq.validate import check_gate_inputs
+
+    if max_windows is not None and max_windows < 1:
+        raise UsageError(f"--windows must be >= 1, got {max_windows}")
+    if seqlen < 2:
+        raise UsageError(f"--seqlen must be >= 2, got {seqlen}")
+    if not Path(text).is_file():
+        raise UsageError(f"text file {text} does not exist")
     sm = StreamingModel.open(model, dtype=DTYPES[dtype])
     from ptq.passes.act_quant import install_streaming
 
     install_streaming(sm)  # activation quantizers recorded in config.json (OS+ / SmoothQuant / W8A8 recipes)
     ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
-    tok = tokenizer_for(sm.folder)
-    windows = eval_windows(tokenize(read_text(text), tok), seqlen, max_windows)
+    raw = read_text(text)
+    windows = eval_windows(tokenize(raw, tokenizer_for(sm.folder)), seqlen, max_windows)
+    ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows) if ref else None
+    check_gate_inputs(sm, ref, None, windows, ref_w, allow_other=True)  # same architecture and tokenizer
     return stream_metrics(sm, windows, ref).to_dict()

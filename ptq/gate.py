@@ -109,17 +109,25 @@ def text_windows(model_folder: Path, text: str, seqlen: int, windows: int) -> tu
 
 @torch.no_grad()
 def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baseline: str | None = None,
-            stored: dict | None = None, topk: int = 0, dtype=torch.float32) -> tuple[dict, dict | None]:
+            stored: dict | None = None, topk: int = 0, dtype=torch.float32,
+            allow_other_baseline: bool = False) -> tuple[dict, dict | None]:
     """Metrics of ``model`` against a baseline model or a stored baseline; with ``topk > 0`` (baseline
-    model only) also returns a baseline file dict for `save_baseline`."""
+    model only) also returns a baseline file dict for `save_baseline`. Before any forward pass the baseline
+    is checked to be the artifact's source model and to tokenize the text identically (`check_gate_inputs`)."""
     from ptq.eval.metrics import _Accumulator, _stream_final
     from ptq.model_io import StreamingModel
+    from ptq.validate import UsageError, baseline_identity, check_gate_inputs
 
     sm = StreamingModel.open(model, dtype=dtype)
     ref = StreamingModel.open(baseline, dtype=dtype) if baseline else None
     w, text_sha = text_windows(sm.folder, text, seqlen, windows)
+    ref_w = text_windows(ref.folder, text, seqlen, windows)[0] if ref is not None else None
     if stored is not None:
         _check_stored(stored, text_sha, w)
+    try:
+        check_gate_inputs(sm, ref, stored, w, ref_w, allow_other_baseline)
+    except UsageError as e:
+        raise GateInputError(str(e)) from e
     bs = 4
     final = _stream_final(sm, w, bs)
     final_ref = _stream_final(ref, w, bs) if ref is not None else None
@@ -154,6 +162,7 @@ def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baselin
     if ref is not None and topk:
         ids_t, lp_t = torch.cat(top_ids), torch.cat(top_lp)
         base = {"schema": SCHEMA, "text_sha256": text_sha, "seqlen": seqlen, "windows": int(w.shape[0]),
+                **baseline_identity(ref, w),
                 "tokens": m["tokens"], "reference": Path(baseline).name, "ppl_ref": m["ppl_ref"],
                 "measured_with": {k: m[k] for k in ("ppl", "kl", "top1")},
                 "topk": {"k": topk, "positions": int(ids_t.shape[0]),
@@ -184,17 +193,25 @@ def _check_stored(stored: dict, text_sha: str, w: torch.Tensor) -> None:
 def load_baseline(path: str) -> dict:
     import json
 
+    from ptq.validate import MAX_JSON_BYTES, UsageError, read_bounded
+
     p = Path(path)
     if not p.is_file():
         raise GateInputError(f"baseline file {path} does not exist")
     try:
-        d = json.loads(p.read_text())
-        if d.get("schema") != SCHEMA:
+        raw = read_bounded(p, MAX_JSON_BYTES, "baseline file")
+    except UsageError as e:
+        raise GateInputError(str(e)) from e
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise ValueError(f"schema {SCHEMA!r} expected")
         k, n = d["topk"]["k"], d["topk"]["positions"]
         d["_ids"] = _unb64(d["topk"]["ids"], "<i4", (n, k))
         d["_lp"] = _unb64(d["topk"]["logprobs"], "<f4", (n, k))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if not isinstance(d.get("ppl_ref"), (int, float)) or not 1 <= k <= 64:
+            raise ValueError("ppl_ref / topk.k missing or out of range")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, base64.binascii.Error) as e:
         raise GateInputError(f"{path} is not a ptq gate baseline file ({e}); write one with --save-baseline") from e
     return d
 

@@ -15,6 +15,8 @@ class LinearGroup:
     linears: tuple[str, ...]  # module paths relative to the decoder layer
     prev: str  # module that produces the shared input (norm or linear)
     prev_is_norm: bool
+    stage: str = ""  # groups with the same non-empty stage are calibrated in one pass (MoE experts, ptq.moe)
+    expert: int | None = None  # MoE: routed expert index, -1 for a shared expert, None for dense linears
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ LAYER_MAPS: dict[str, LayerMap] = {
 def layer_map_for(config) -> LayerMap:
     """Layer map for a transformers config; clear error for anything else."""
     mt = getattr(config, "model_type", None)
+    from ptq import moe  # mixture-of-experts maps are built from the config (number of experts)
+
+    if mt in moe.ARCHS:
+        return moe.layer_map(config, LAYER_MAPS.get(moe.BASE_FAMILY[mt]) or LAYER_MAPS["llama"])
     if mt not in LAYER_MAPS:
         raise ValueError(f"unsupported architecture {mt!r}: ptq supports {', '.join(sorted(LAYER_MAPS))}")
     if mt == "opt" and not getattr(config, "do_layer_norm_before", True):

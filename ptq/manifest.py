@@ -54,12 +54,15 @@ def file_table(folder: Path) -> dict[str, dict]:
 
 
 def build_manifest(folder: Path, *, recipe: dict, spec: dict, format: str, dtype: str, model_name: str,
-                   model_fingerprint: str, calibration: dict | None, layers: list[dict]) -> dict:
+                   model_fingerprint: str, calibration: dict | None, layers: list[dict],
+                   model_identity: dict | None = None) -> dict:
+    """``model_identity``: architecture/shape fields and ``fingerprint_kind`` of the source model, which
+    `ptq gate` checks its baseline against (ptq.validate.check_gate_inputs)."""
     return {
         "schema": SCHEMA,
         "ptq_version": ptq_version(),
         "versions": library_versions(),
-        "model": {"name": model_name, "fingerprint": model_fingerprint},
+        "model": {"name": model_name, "fingerprint": model_fingerprint, **(model_identity or {})},
         "recipe": recipe,
         "spec": spec,
         "format": format,
@@ -84,19 +87,55 @@ def read_manifest(folder: Path) -> dict:
         raise ValueError(f"{folder} is not a folder")
     if not path.is_file():
         raise ValueError(f"no {MANIFEST} in {folder}; was it written by `ptq compress`?")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a ptq manifest")
     try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+        m = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{path} is not valid JSON{where}") from e
     if not isinstance(m, dict) or m.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a ptq manifest (schema {SCHEMA!r} expected)")
+    problem = _shape_problem(m)
+    if problem:
+        raise ValueError(f"{path} is malformed: {problem}; rewrite it with ptq compress")
     return m
+
+
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _shape_problem(m: dict) -> str | None:
+    """What is structurally wrong with a manifest (None = fine): the fields inspect and gate read."""
+    if not isinstance(m.get("model"), dict):
+        return "'model' is not a mapping"
+    files = m.get("files")
+    if not isinstance(files, dict):
+        return "'files' is not a mapping"
+    for rel, f in files.items():
+        if not (isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)):
+            return f"file entry {rel!r} lacks bytes/sha256"
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            return f"file entry {rel!r} points outside the folder"
+    for key, typ in (("layers", list), ("recipe", dict), ("spec", dict), ("versions", dict)):
+        if key in m and not isinstance(m[key], typ):
+            return f"{key!r} is not a {typ.__name__}"
+    if not all(isinstance(L, dict) for L in m.get("layers", [])):
+        return "'layers' entries are not mappings"
+    if m.get("calibration") is not None and not isinstance(m["calibration"], dict):
+        return "'calibration' is not a mapping"
+    return None
 
 
 def verify(folder: Path, manifest: dict) -> list[str]:
     """Problems found when re-hashing the files listed in ``manifest``: missing or changed (empty = intact)."""
     problems = []
     actual = file_table(folder)
+    if not manifest.get("files"):
+        problems.append("the manifest lists no files (its file table was emptied?)")
+    for rel in extras(folder, manifest):
+        if _is_model_file(rel):
+            problems.append(f"{rel}: model file not listed in the manifest")
     for rel, want in manifest.get("files", {}).items():
         got = actual.get(rel)
         if got is None:
@@ -104,6 +143,12 @@ def verify(folder: Path, manifest: dict) -> list[str]:
         elif got["sha256"] != want["sha256"]:
             problems.append(f"{rel}: sha256 differs ({got['bytes']} bytes, expected {want['bytes']})")
     return problems
+
+
+def _is_model_file(rel: str) -> bool:
+    """Top-level weights, configs and tokenizer files: part of the artifact, so never an unlisted extra."""
+    return "/" not in rel and (rel.endswith((".safetensors", ".json", ".model", ".bin", ".pt"))
+                               or rel in ("merges.txt", "vocab.txt", "chat_template.jinja"))
 
 
 def extras(folder: Path, manifest: dict) -> list[str]:

@@ -115,7 +115,12 @@ class PickleSource(StateDictSource):
     def __init__(self, folder: Path):
         sd = {}
         for f in sorted(p for p in Path(folder).iterdir() if p.suffix in PICKLE_SUFFIXES):
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+            try:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as e:  # the safe unpickler refused a global, or the file is not a checkpoint
+                first = " ".join(str(e).split())[:200]
+                raise ModelInputError(f"{f.name}: refused by the safe (weights_only) unpickler: {first}. "
+                                      "Convert the checkpoint to safetensors") from e
         super().__init__(sd)
 
 
@@ -179,6 +184,8 @@ def load_config(folder: Path, trust_remote_code: bool = False):
     cfg_file = Path(folder) / "config.json"
     if not cfg_file.exists():
         raise ModelInputError(f"{folder} has no config.json; is it a transformers model folder?")
+    if cfg_file.stat().st_size > 16 << 20:
+        raise ModelInputError(f"{cfg_file} is larger than 16 MiB; is it really a config?")
     try:
         json.loads(cfg_file.read_text())
         cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -196,6 +203,9 @@ def build_skeleton(config) -> nn.Module:
     config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from ptq import moe
+
+    moe.install(model, config)  # MoE experts as per-expert Linears under the checkpoint's names
     return model.eval()
 
 
@@ -267,6 +277,9 @@ class StreamingModel:
 
     def __init__(self, folder: Path | None, config, source: WeightSource, dtype=torch.float32,
                  device: str = "cpu"):
+        from ptq import moe
+
+        source = moe.per_expert_source(config, source)  # fused-expert checkpoints: per-expert view
         self.folder, self.config, self.source = folder, config, source
         self.dtype, self.device = dtype, device
         self.lmap: LayerMap = layer_map_for(config)
@@ -319,10 +332,23 @@ def full_model(src: str | Path, dtype=torch.float32, allow_pickle=False):
     return sm.model, sm.config
 
 
-def tokenizer_for(folder: Path | str):
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_for(folder: Path | str, trust_remote_code: bool = False):
+    """The folder's tokenizer; its own Python code (``auto_map``) runs only with ``trust_remote_code=True``.
+    Raises `ModelInputError` (one line) when there is none or it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    if not any((Path(folder) / f).is_file() for f in TOKENIZER_MARKERS):
+        raise ModelInputError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_MARKERS[:2])}); copy the base "
+                              "model's tokenizer files into it")
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in msg else ""
+        raise ModelInputError(f"cannot load the tokenizer in {folder}: {msg}{hint}") from e
 
 
 def dir_size(folder: Path) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ptq.passes import PASSES, get_pass_class
+from ptq.validate import MAX_RECIPE_BYTES, UsageError, check_ranges, check_types, load_yaml, read_bounded
 
 
 class RecipeError(ValueError):
@@ -31,6 +32,7 @@ class Defaults:
     group_size: int = 128
     sym: bool = False
     mse: bool = False
+    clip: str = "none"  # none | mse | octav (ptq.quant.clipping)
     act_bits: int | None = None  # None = weight-only
     act_granularity: str = "token"  # token | tensor
     format: str = "gptq"  # export format
@@ -57,7 +59,8 @@ class Recipe:
         return any(get_pass_class(n).needs_calibration for n, _ in self.passes)
 
 
-def _strict(cls, data, where: str):
+def _strict(cls, data, where: str, section: str = ""):
+    """``cls(**data)`` after checking keys, value types (`ptq.validate.check_types`) and ranges."""
     if data is None:
         return cls()
     if not isinstance(data, dict):
@@ -67,9 +70,20 @@ def _strict(cls, data, where: str):
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
     try:
+        check_types(cls, data, where)
+        check_ranges(section, data, where)
+    except UsageError as e:
+        raise RecipeError(str(e)) from None
+    try:
         return cls(**data)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{where}: {e}") from e
+
+
+def override_options(opts, overrides: dict, where: str, section: str):
+    """A copy of the dataclass ``opts`` with ``overrides`` (``--set`` / CLI flags) applied through the same
+    key, type and range checks as a recipe file."""
+    return _strict(type(opts), {**dataclasses.asdict(opts), **overrides}, where, section)
 
 
 def builtin_dir() -> Path:
@@ -91,8 +105,13 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    if not data.get("passes"):
+        raise RecipeError(f"{where}: the recipe has no passes; it would write unquantized weights under a "
+                          "quantization config. List at least one pass, e.g. `passes: [rtn]`")
+    if not isinstance(data["passes"], list):
+        raise RecipeError(f"{where}: passes must be a list of `- name: {{options}}`")
     passes = []
-    for i, item in enumerate(data.get("passes") or []):
+    for i, item in enumerate(data["passes"]):
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
@@ -101,12 +120,12 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
         if pname not in PASSES:
             raise RecipeError(f"{where}: unknown pass {pname!r}; known: {', '.join(PASSES)}")
         cls = get_pass_class(pname)
-        passes.append((pname, _strict(cls.Options, opts or {}, f"{where}: pass {pname}")))
-    cal = _strict(Calibration, data.get("calibration"), f"{where}: calibration")
+        passes.append((pname, _strict(cls.Options, opts or {}, f"{where}: pass {pname}", pname)))
+    cal = _strict(Calibration, data.get("calibration"), f"{where}: calibration", "calibration")
     if cal.path is not None:
         check_inside_cwd(cal.path, f"{where}: calibration.path")
     return Recipe(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
-                  defaults=_strict(Defaults, data.get("defaults"), f"{where}: defaults"),
+                  defaults=_strict(Defaults, data.get("defaults"), f"{where}: defaults", "defaults"),
                   calibration=cal, passes=passes)
 
 
@@ -128,7 +147,12 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise RecipeError(f"unknown recipe {name_or_path!r}; built-in: {', '.join(builtin) or 'none'}, "
                               "or pass a path to a .yaml file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = read_bounded(path, MAX_RECIPE_BYTES, "recipe").decode("utf-8")
+        data = load_yaml(text, path.name)
+    except UsageError as e:
+        raise RecipeError(str(e)) from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from e
+        raise RecipeError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     return parse_recipe(data, where=str(path.name))

@@ -88,3 +88,36 @@ def test_errors(tmp_path, tok):
     with pytest.raises(CalibrationError, match="nsamples"):
         sample_windows(torch.arange(100), 0, 10)
     assert tokenize("ab", tok).tolist() == tok("ab", add_special_tokens=False)["input_ids"]
+
+
+def test_coverage_counts_repeated_windows_once():
+    import torch
+
+    from calib.data import calibration_coverage
+
+    text = torch.arange(1000) % 997 + 3  # 1000 distinct-ish tokens
+    fresh = torch.stack([text[i * 100:(i + 1) * 100] for i in range(8)])
+    again = torch.cat([fresh, fresh])
+    a, b = calibration_coverage(fresh), calibration_coverage(again)
+    assert a["unique_tokens"] == 800 and a["reuse"] == 1.0
+    assert b["unique_tokens"] == 800 and b["reuse"] == 2.0
+
+
+def test_few_unique_tokens_warn_and_raise_damping(capsys):
+    import types
+
+    import torch
+
+    from ptq.compress import MIN_DAMP_FEW_TOKENS, check_calibration
+    from ptq.recipes import load_recipe
+
+    recipe = load_recipe("gptq")
+    ids = torch.arange(600).reshape(4, 150).repeat(2, 1)  # 600 unique tokens, each used twice
+    cov = check_calibration(ids, types.SimpleNamespace(hidden_size=512, intermediate_size=1024), recipe)
+    assert cov["unique_tokens"] == 600 and cov["reuse"] == 2.0
+    assert recipe.passes[0][1].damp == MIN_DAMP_FEW_TOKENS and cov["damp_raised"] == {"gptq": MIN_DAMP_FEW_TOKENS}
+    err = capsys.readouterr().err
+    assert "overlap" in err and "rank-deficient" in err
+    recipe = load_recipe("gptq")
+    cov = check_calibration(ids[:4], types.SimpleNamespace(hidden_size=64, intermediate_size=160), recipe)
+    assert cov["warnings"] == [] and recipe.passes[0][1].damp == 0.01

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from ptq.kv.cskv import (CSKVConfig, asvd_factors, asymptotic_bytes_per_token, convert_model, fit_factors,
-                         load_cskv_model, make_cache, recon_error)
+from ptq.kv.cskv import (CSKVConfig, asvd_factors, asymptotic_bytes_per_token, convert_model, expected_cache_bytes,
+                         fit_factors, load_cskv_model, make_cache, recon_error)
 from ptq.kv.cskv_cache import CSKVCache, dequantize_groups, quantize_groups
 from ptq.model_io import full_model
 
@@ -93,7 +93,7 @@ def test_cache_bytes_match_layout(tiny_models):
     k = full * 16 // 2 + (full // W) * 16 * 4  # packed 4-bit codes + fp16 scale + fp16 min per channel per window
     v = full * 16 // 2 + full * 2 * 4  # codes + (scale, min) per token per head group
     window = res * (2 * 2 * 16 * 2) + res * (16 + 16) * 2  # exact fp16 K, V + fp16 features of the window
-    assert cache.nbytes() == L * (k + v + window)
+    assert cache.nbytes() == L * (k + v + window) == expected_cache_bytes(model.cskv_config, cfg, T)
     assert asymptotic_bytes_per_token(model.cskv_config, cfg) == L * (k + v) / full
     assert cache.get_seq_length() == T
 
@@ -168,3 +168,47 @@ def test_rejects_non_rope_and_bad_options(tiny_models):
         CSKVConfig(k_bits=1)
     with pytest.raises(ValueError):
         CSKVConfig(k_density=0.0)
+
+
+def test_keep_keys_decode_equals_emulated_and_counts_bytes(tiny_models):
+    """keep_keys: decode reads the kept RoPE'd keys (only new windows rebuilt); same logits as the emulated pass
+    (fp32 store: exact up to GEMM order); the kept keys are counted in the cache bytes."""
+    model = _converted(tiny_models["llama-gqa"], k_density=0.5, v_density=0.5, window=8, k_bits=4, v_bits=4,
+                       store_dtype="float32", keep_keys=True)
+    ids = torch.randint(2, 300, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        emu = model(input_ids=ids).logits
+    dec, cache = _decode(model, ids, prefill=13)
+    torch.testing.assert_close(dec, emu, atol=1e-3, rtol=0)
+    kept = cache.layers[0].t["k_kept"]
+    assert kept.shape == (1, 2, 24, 16)  # 3 finished windows of 8 tokens, n_kv 2, d 16
+    model.cskv_config.keep_keys = False
+    for m in model.modules():
+        if hasattr(m, "ccfg"):
+            m.ccfg = model.cskv_config
+    _, cache2 = _decode(model, ids, prefill=13)
+    assert "k_kept" not in cache2.layers[0].t
+    assert cache.nbytes() - cache2.nbytes() == 2 * 24 * 2 * 16 * 4  # 2 layers x kept fp32 keys
+    assert cache.nbytes() == expected_cache_bytes(model.cskv_config.__class__(**{**model.cskv_config.to_dict(),
+                                                                                 "keep_keys": True}), model.config, 30)
+
+
+def test_quantization_aware_fit_lowers_quantized_error():
+    """With the cache quantizer in the loss (STE), the error measured through the quantizer: lower than the plain
+    fit's at 2-bit V (per token groups), on par at 3-bit K (per channel over windows); the STE passes gradients."""
+    from ptq.kv.cskv import fake_quant_ste
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 48, generator=g)
+    x = torch.randn(1024, 48, generator=g) * torch.logspace(-1, 1, 48)
+    a8, b8 = asvd_factors(w, 12, x.abs().mean(0))
+    for quant in ({"bits": 3, "axis": "channel", "window": 32}, {"bits": 2, "axis": "token", "group": 6}):
+        c = x[:64] @ a8.t()
+        cq = fake_quant_ste(c.clone().requires_grad_(), **quant)
+        assert (cq - c).abs().max() > 0  # really quantizes
+        cq.sum().backward()  # straight-through: the gradient flows
+        af, bf, _, _ = fit_factors(w, a8, b8, x, steps=100, batch=512, seed=0)
+        aq, bq, _, e_qat = fit_factors(w, a8, b8, x, steps=100, batch=512, seed=0, quant=quant)
+        e_plain = recon_error(w, af, bf, x, quant)
+        slack = 1.01 if quant["axis"] == "channel" else 0.99  # 3-bit K: on par; 2-bit V: QAT clearly lower
+        assert recon_error(w, aq, bq, x, quant) < slack * e_plain, quant

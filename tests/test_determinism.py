@@ -62,7 +62,7 @@ def test_manifest_contents(runs):
     m = json.loads((a / "manifest.json").read_text())
     assert m["schema"] == "ptq-manifest/1" and m["ptq_version"] not in ("", None)
     assert m["recipe"]["name"] == "gptq" and m["recipe"]["passes"][0]["name"] == "gptq"
-    assert m["spec"] == {"bits": 4, "group_size": 128, "sym": False, "mse": False}
+    assert m["spec"] == {"bits": 4, "group_size": 128, "sym": False, "mse": False, "clip": "none"}
     assert m["seed"] == 0 and json.loads((c / "manifest.json").read_text())["seed"] == 1
     ids = load_calibration(str(calib), tokenizer_for(model), 3, 40, 0)
     assert m["calibration"]["tokens_sha256"] == calibration_hash(ids)

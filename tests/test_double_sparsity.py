@@ -61,7 +61,7 @@ def test_full_r_is_exact_topk(Lq):
     """With r = d the label scores are exact, so k < Lk keeps exactly the true top-k tokens."""
     b, H, Hkv, Lk, d, kk = 1, 4, 2, 40, 8, 7
     q, k, v = rnd(b, H, Lq, d, seed=5), rnd(b, Hkv, Lk, d, seed=6), rnd(b, Hkv, Lk, d, seed=7)
-    cfg = DSConfig(heavy_tokens=kk, heavy_channels=d, q_chunk=16)
+    cfg = DSConfig(heavy_tokens=kk, heavy_channels=d, q_chunk=16, selection="head")
     out = double_sparse_attention(q, k, v, random_labels(Hkv, d, 1), cfg, d**-0.5, None)
     ora = oracle_topk(q, k, v, d**-0.5, causal(Lq, Lk), kk)
     assert (out - ora).abs().max() < 1e-12
@@ -136,9 +136,10 @@ def test_installed_model_full_k_equals_dense_and_oracle(gqa_dir):
         dense = model(input_ids=ids).logits
         H, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         labels = {i: random_labels(H, d, i) for i in range(cfg.num_hidden_layers)}
-        install(model, labels, DSConfig(heavy_tokens=48, heavy_channels=d, dense_layers=0))
+        install(model, labels, DSConfig(heavy_tokens=48, heavy_channels=d, dense_layers=0, study=True))
         assert (model(input_ids=ids).logits - dense).abs().max() < 1e-10
-        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=0, q_chunk=16))
+        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=0, q_chunk=16, study=True,
+                                        selection="head"))
         sparse = model(input_ids=ids).logits
 
         def oracle(module, q, k, v, mask, scaling=None, **kw):
@@ -151,29 +152,52 @@ def test_installed_model_full_k_equals_dense_and_oracle(gqa_dir):
         assert (sparse - model(input_ids=ids).logits).abs().max() < 1e-10
         assert (sparse - dense).abs().max() > 1e-3
         # dense_layers / threshold: layer 0 dense, layer 1 sparse differs from all-sparse
-        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=1))
+        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=1, study=True,
+                                        selection="head"))
         part = model(input_ids=ids).logits
         assert (part - sparse).abs().max() > 1e-6 and (part - dense).abs().max() > 1e-6
-        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=0, sparse_threshold=48))
+        install(model, labels, DSConfig(heavy_tokens=6, heavy_channels=d, dense_layers=0, sparse_threshold=48,
+                                        study=True))
         assert (model(input_ids=ids).logits - dense).abs().max() < 1e-10
         uninstall(model)
         assert (model(input_ids=ids).logits - dense).abs().max() < 1e-10
 
 
-def test_generate_with_cache_matches_prefill(gqa_dir):
-    """Greedy decode with the KV cache (decode gather path) picks the same tokens as full recomputation."""
+@pytest.mark.parametrize("selection,bits", [("kv", 16), ("head", 4)])
+def test_runtime_decode_equals_study_path(gqa_dir, selection, bits):
+    """Token-by-token decode through a DSCache (label cache, top-k gather) gives the logits of one forward
+    through the accuracy-study path (each query its own top-k over the same channels, selection, label bits);
+    generate() builds a DSCache by default and its prefill is dense."""
+    from ptq.sparse import make_cache
+    from ptq.sparse.ds_runtime import DSCache
+
     model, cfg = full_model(gqa_dir)
     H, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    install(model, {i: random_labels(H, d, i) for i in range(2)}, DSConfig(heavy_tokens=8, heavy_channels=4,
-                                                                             dense_layers=0))
+    labels = {i: random_labels(H, d, i) for i in range(2)}
+    install(model, labels, DSConfig(heavy_tokens=8, heavy_channels=4, dense_layers=0, study=True,
+                                    selection=selection, label_bits=bits))
     ids = _ids(1, 30, seed=3)
     with torch.no_grad():
-        gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=1)
-        seq = ids
-        for _ in range(5):
-            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-    assert torch.equal(gen, seq)
+        study = model(input_ids=ids, use_cache=False).logits
+        cache = make_cache(model)
+        steps = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                 for t in range(ids.shape[1])]
+        assert cache.layers[1].n == 30 and cache.layers[1].lab.shape == (1, 2, 4 if bits == 16 else 2, 256)
+        torch.testing.assert_close(torch.cat(steps, 1), study, atol=2e-4, rtol=0)
+        uninstall(model)
+        dense = model(input_ids=ids, use_cache=False).logits
+        assert (study - dense).abs().max() > 1e-3  # really sparse
+        install(model, labels, DSConfig(heavy_tokens=8, heavy_channels=4, dense_layers=0, selection=selection,
+                                        label_bits=bits))
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=1, return_dict_in_generate=True,
+                             output_logits=True)
+        cache = out.past_key_values
+        assert isinstance(cache, DSCache) and cache.layers[0].n == 31
+        assert cache.layers[0].lab.dtype == (torch.float16 if bits == 16 else torch.uint8)
+        torch.testing.assert_close(out.logits[0], dense[:, -1], atol=1e-4, rtol=0)  # prefill is dense
+        nb = cache.nbytes()
+        r_bytes = 4 * 2 if bits == 16 else 2 + 4  # fp16 labels, or 4-bit codes + fp16 step and minimum
+        assert nb["labels"] == 2 * 2 * 31 * r_bytes and nb["kv"] == 2 * 2 * 2 * 31 * d * 4
 
 
 def test_compress_writes_labels_and_unchanged_weights(gqa_dir, tmp_path):
@@ -190,22 +214,23 @@ def test_compress_writes_labels_and_unchanged_weights(gqa_dir, tmp_path):
     assert rep["format"] == "fp" and "ds_top_r_mass" in rep["layers"][0]
     ours = json.loads((out / "double_sparsity.json").read_text())
     sg = json.loads((out / "ds_channel_config.json").read_text())
-    assert ours["settings"]["heavy_tokens"] == 256 and ours["calibration_tokens"] == 4 * 32
+    assert ours["settings"]["channel_type"] == "qk_kv" and ours["settings"]["heavy_tokens"] == 256 and ours["calibration_tokens"] == 4 * 32
     assert set(sg) == {f"model.layers.{i}.self_attn.{t}_proj" for i in range(2) for t in ("q", "k", "qk")}
     qk = torch.tensor(sg["model.layers.1.self_attn.qk_proj"])
-    assert qk.shape == (4, 16) and torch.equal(qk.sort(-1).values, torch.arange(16).expand(4, 16))
-    assert torch.equal(torch.tensor(ours["labels"]["qk"]["1"]), qk)
+    assert qk.shape == (2, 16) and torch.equal(qk.sort(-1).values, torch.arange(16).expand(2, 16))  # KV-head rows
+    assert torch.equal(torch.tensor(ours["labels"]["qk_kv"]["1"]), qk)
     assert torch.tensor(sg["model.layers.0.self_attn.k_proj"]).shape == (2, 16)
-    # importance is sorted along the labels
-    imp = torch.tensor(ours["importance"]["1"])
-    assert (imp.gather(-1, qk)[:, :-1] >= imp.gather(-1, qk)[:, 1:]).all()
+    assert torch.tensor(sg["model.layers.0.self_attn.q_proj"]).shape == (4, 16)
+    # importance is sorted along the (query-head) labels
+    imp, qkh = torch.tensor(ours["importance"]["1"]), torch.tensor(ours["labels"]["qk"]["1"])
+    assert (imp.gather(-1, qkh)[:, :-1] >= imp.gather(-1, qkh)[:, 1:]).all()
     # weights unchanged
     a, b = safe_open(str(src / "model.safetensors"), "pt"), safe_open(str(out / "layer-00001.safetensors"), "pt")
     for name in b.keys():
         assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
     # labels load back into a model
     model, _ = full_model(out)
-    cfg = install_from(model, out, heavy_tokens=8, sparse_threshold=0, dense_layers=0)
+    cfg = install_from(model, out, heavy_tokens=8, sparse_threshold=0, dense_layers=0, study=True)
     assert cfg.label_bits == 4 and model.config._attn_implementation == "ptq_double_sparsity"
     ids = _ids(1, 40)
     with torch.no_grad():
@@ -234,3 +259,35 @@ def test_pass_resume_state_roundtrip(gqa_dir):
     assert all(isinstance(v, torch.Tensor) for k, v in state.items() if k != "tokens")
     b.load_resume_state(state)
     assert a.finalize(sm) == b.finalize(sm)
+
+
+@pytest.mark.parametrize("bits", [16, 4, 3])
+def test_label_cache_appends_and_scores(bits):
+    """The label cache holds (quantized) label channels of every appended key; its scores equal q_r . labels;
+    top_k_indices (numpy introselect on CPU) returns the same set as torch.topk."""
+    from ptq.sparse.ds_runtime import DSLayer, fake_quant, kv_label_channels, top_k_indices
+
+    g = torch.Generator().manual_seed(0)
+    K, V = torch.randn(1, 2, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g)
+    ch = kv_label_channels(random_labels(2, 16, 3), 2, 5)
+    lay = DSLayer(ch, bits)
+    for s, e in ((0, 200), (200, 201), (201, 300)):  # prefill, one decode step, a chunk (capacity grows)
+        k, v = lay.update(K[:, :, s:e], V[:, :, s:e])
+    assert lay.n == 300 and torch.equal(k, K) and torch.equal(v, V)
+    want = K.gather(-1, ch[None, :, None, :].expand(1, 2, 300, 5))
+    want = want.half().float() if bits == 16 else fake_quant(want, bits)
+    torch.testing.assert_close(lay.labels(), want, atol=1e-6, rtol=0)
+    ql = torch.randn(1, 2, 3, 5, generator=g)
+    torch.testing.assert_close(lay.label_scores(ql), ql @ want.transpose(-1, -2), atol=1e-4, rtol=1e-5)
+    nb = lay.nbytes()
+    assert nb["labels"] == 2 * 300 * {16: 10, 4: 3 + 4, 3: 5 + 4}[bits]
+    x = torch.randn(2, 3, 1000, generator=g)
+    assert torch.equal(top_k_indices(x, 37).sort(-1).values, x.topk(37, -1).indices.sort(-1).values)
+
+
+def test_kv_label_channels_merges_query_head_rankings():
+    from ptq.sparse.ds_runtime import kv_label_channels
+
+    lab = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [3, 2, 1, 0], [3, 2, 0, 1]])  # 4 query heads, 2 KV heads
+    assert kv_label_channels(lab, 2, 2).tolist() == [[0, 1], [3, 2]]
+    assert kv_label_channels(lab[:2], 2, 3).tolist() == [[0, 1, 2], [1, 0, 3]]

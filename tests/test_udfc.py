@@ -136,8 +136,8 @@ def test_compress_shrinks_and_loads_in_transformers(tiny_models, tmp_path, monke
     for fn in ("load_calibration", "read_text", "sample_windows", "tokenize"):
         monkeypatch.setattr(calib.data, fn, boom)
     out = tmp_path / "out"
+    # (--calib with this data-free recipe is refused up front: tests/test_fault_battery.py)
     compress(CompressOptions(model=str(tiny_models[kind]), out=str(out), recipe="udfc", bits=6, format="fp",
-                             calib=str(tmp_path / "does-not-exist.txt"),
                              pass_options={"udfc": {"prune_ratio": 0.3}}))
     cfg = json.loads((out / "config.json").read_text())
     attr = "ffn_dim" if kind == "opt" else "intermediate_size"

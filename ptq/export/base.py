@@ -99,9 +99,12 @@ class CheckpointWriter:
             indent=2))
         src = self.sm.folder
         if src is not None:
+            from ptq.validate import side_file
+
             for f in TOKENIZER_FILES:
-                if (Path(src) / f).exists():
-                    shutil.copy2(Path(src) / f, self.out / f)
+                p = side_file(Path(src), f)  # never through a link that leaves the model folder
+                if p is not None:
+                    shutil.copyfile(p, self.out / f)
         for name, content in (extra_files or {}).items():
             path = self.out / name
             path.parent.mkdir(parents=True, exist_ok=True)

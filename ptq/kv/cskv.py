@@ -44,6 +44,8 @@ class CSKVConfig:
     v_bits: int = 16
     store_dtype: str = "float16"  # dtype of the exact window and of 16-bit features
     exact_prefill: bool = False  # True: a first multi-token forward attends exactly (reference prefill)
+    keep_keys: bool = False  # True: keep RoPE'd reconstructed keys of finished windows (store_dtype, counted in
+    #                          the cache bytes): decode then rebuilds no past key; False: rebuild them each step
 
     def __post_init__(self):
         if not (0 < self.k_density <= 1 and 0 < self.v_density <= 1):
@@ -86,42 +88,88 @@ def asvd_factors(w: torch.Tensor, r: int, act_mean: torch.Tensor | None = None, 
     return a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous()
 
 
-def recon_error(w, a, b, x) -> float:
-    """Relative output error ``||x W^T - x A^T B^T||^2 / ||x W^T||^2`` on ``x [n, H]``."""
+def fake_quant_ste(c: torch.Tensor, bits: int, axis: str, window: int = 32, group: int | None = None):
+    """Cache quantizer in the training graph (straight-through estimator): ``c [n, r]`` features, ``axis``
+    ``"channel"`` = K (min/max per channel over blocks of ``window`` consecutive rows, KIVI) or ``"token"`` = V
+    (per row in groups of ``group`` channels). Forward: ``q s + min`` exactly as `quantize_groups` stores it
+    (fp16 scale and minimum); backward: identity (min/max ranges never clip)."""
+    if bits >= 16:
+        return c
+    n, r = c.shape
+    if axis == "channel":
+        n_use = (n // window) * window
+        if n_use == 0:
+            return c
+        v, dim = c[:n_use].reshape(n_use // window, window, r), 1
+    else:
+        g = group or r
+        v, dim = c.reshape(n, r // g, g), 2
+    qmax = 2**bits - 1
+    with torch.no_grad():
+        lo = v.amin(dim, keepdim=True)
+        s = ((v.amax(dim, keepdim=True) - lo).clamp(min=1e-5) / qmax).half().float()
+        lo = lo.half().float()
+        deq = torch.clamp(torch.round((v - lo) / s), 0, qmax) * s + lo
+    out = v + (deq - v).detach()
+    out = out.reshape(-1, r)
+    return torch.cat([out, c[out.shape[0]:]]) if out.shape[0] < n else out
+
+
+def recon_error(w, a, b, x, quant: dict | None = None) -> float:
+    """Relative output error ``||x W^T - Q(x A^T) B^T||^2 / ||x W^T||^2`` on ``x [n, H]`` (``Q`` = identity, or
+    `fake_quant_ste` with ``quant`` = its keyword arguments)."""
     with torch.no_grad():
         y = x @ w.t()
-        return float((x @ a.t() @ b.t() - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-20))
+        c = x @ a.t()
+        if quant:
+            c = fake_quant_ste(c.float(), **quant).to(c.dtype)
+        return float((c @ b.t() - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-20))
 
 
 def fit_factors(w, a, b, x: torch.Tensor, steps: int = 300, lr: float = 1e-2, batch: int = 1024,
-                holdout: float = 0.2, seed: int = 0):
-    """Adam on ``MSE(x A^T B^T, x W^T)`` (normalized by ``mean (x W^T)^2``) over ``x [n, H]``.
+                holdout: float = 0.2, seed: int = 0, quant: dict | None = None):
+    """Adam on ``MSE(Q(x A^T) B^T, x W^T)`` (normalized by ``mean (x W^T)^2``) over ``x [n, H]``.
 
-    The step size of each factor is ``lr * rms(factor)`` (scale-free), cosine-decayed; the factors with the
-    lowest held-out error (including the init) are returned with ``(err_init, err_final)`` on the held-out rows."""
+    ``quant`` (keyword arguments of `fake_quant_ste`: bits, axis, window, group) puts the cache quantizer in the
+    graph with a straight-through estimator (quantization-aware fit, reference QAT); None = plain fit. The step
+    size of each factor is ``lr * rms(factor)`` (scale-free), cosine-decayed; the factors with the lowest
+    held-out error (including the init, both measured through ``Q``) are returned with ``(err_init, err_final)``.
+    With ``quant`` the rows keep their calibration order (K ranges are per block of consecutive tokens)."""
     g = torch.Generator().manual_seed(seed)
-    x = x.float()[torch.randperm(x.shape[0], generator=g)]
+    x = x.float()
+    if quant and quant.get("axis") == "channel":  # shuffle whole windows, not tokens
+        wdw = quant.get("window", 32)
+        nb = x.shape[0] // wdw
+        x = x[: nb * wdw].reshape(nb, wdw, -1)[torch.randperm(nb, generator=g)].reshape(nb * wdw, -1)
+    else:
+        x = x[torch.randperm(x.shape[0], generator=g)]
     nh = max(1, int(holdout * x.shape[0]))
+    if quant and quant.get("axis") == "channel":
+        nh = max(quant.get("window", 32), nh // quant.get("window", 32) * quant.get("window", 32))
     xh, xt = x[:nh], x[nh:]
     w = w.float()
-    yt, yh = xt @ w.t(), xh @ w.t()
+    yt = xt @ w.t()
     norm = yt.pow(2).mean().clamp(min=1e-20)
     A = nn.Parameter(a.float().clone())
     B = nn.Parameter(b.float().clone())
     opt = torch.optim.Adam([{"params": [A], "lr": lr * float(a.float().pow(2).mean().sqrt())},
                             {"params": [B], "lr": lr * float(b.float().pow(2).mean().sqrt())}])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    err0 = recon_error(w, a.float(), b.float(), xh)
+    err0 = recon_error(w, a.float(), b.float(), xh, quant)
     best = (err0, a.float().clone(), b.float().clone())
+    blk = quant.get("window", 32) if quant and quant.get("axis") == "channel" else 1
+    nblk = xt.shape[0] // blk
     for step in range(steps):
-        idx = torch.randint(0, xt.shape[0], (min(batch, xt.shape[0]),), generator=g)
-        loss = ((xt[idx] @ A.t()) @ B.t() - yt[idx]).pow(2).mean() / norm
+        sel = torch.randint(0, nblk, (max(1, min(batch, xt.shape[0]) // blk),), generator=g)
+        idx = (sel[:, None] * blk + torch.arange(blk)[None]).reshape(-1)
+        c = fake_quant_ste(xt[idx] @ A.t(), **quant) if quant else xt[idx] @ A.t()
+        loss = (c @ B.t() - yt[idx]).pow(2).mean() / norm
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            e = recon_error(w, A.data, B.data, xh)
+            e = recon_error(w, A.data, B.data, xh, quant)
             if e < best[0]:
                 best = (e, A.data.clone(), B.data.clone())
     return best[1].to(a.dtype), best[2].to(b.dtype), err0, best[0]
@@ -203,14 +251,21 @@ class CSKVAttention(nn.Module):
         else:
             raise TypeError(f"CSKV attention needs a ptq.kv.cskv_cache.CSKVCache, got {type(past_key_values).__name__}; "
                             "pass past_key_values=make_cache(model) or use_cache=False")
-        view = layer.append(k, v, self.k_proj_a(x), self.v_proj_a(x), pos)
-        nr = view.rec_ck.shape[1]
+        keep = self.ccfg.keep_keys and isinstance(past_key_values, CSKVCache)
+        view = layer.append(k, v, self.k_proj_a(x), self.v_proj_a(x), pos, load_k=not keep)
+        nr = view.rec_cv.shape[1]
         cos_all, sin_all = self._cos_sin(x, view.pos)
-        k_rec = self.k_proj_b(view.rec_ck)
+        if keep:
+            k_rec = self._kept_keys(layer, view, cos_all, sin_all, x.dtype)
+        else:
+            k_rec = self._rebuild_keys(view.rec_ck, cos_all[:, :nr], sin_all[:, :nr])
+        plain = attention_mask is None or bool((attention_mask if attention_mask.dtype == torch.bool
+                                                else attention_mask == 0).all())
+        if q == 1 and plain and not (exact_prefill and view.past == 0):
+            return self._decode(query, k_rec, view, cos_all, sin_all), None
         v_rec = self.v_proj_b(view.rec_cv)
-        if self.k_proj.bias is not None:
-            k_rec, v_rec = k_rec + self.k_proj.bias, v_rec + self.v_proj.bias
-        k_rec = _rope(k_rec.view(b, nr, nkv, d).transpose(1, 2), cos_all[:, :nr], sin_all[:, :nr])
+        if self.v_proj.bias is not None:
+            v_rec = v_rec + self.v_proj.bias
         v_rec = v_rec.view(b, nr, nkv, d).transpose(1, 2)
         k_ex = _rope(view.ex_k, cos_all[:, view.ex_start:], sin_all[:, view.ex_start:])
         m_rec, m_ex = view.branch_masks(exact_prefill)
@@ -223,6 +278,47 @@ class CSKVAttention(nn.Module):
         vals = _repeat_kv(torch.cat([v_rec, view.ex_v], 2), self.num_key_value_groups)
         out = F.scaled_dot_product_attention(query, keys, vals, attn_mask=mask, scale=self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1)), None
+
+    def _rebuild_keys(self, ck, cos, sin):
+        """``RoPE(B_k c_k + b_k)`` for features ``ck [b, n, r_k]`` at ``cos/sin [b, n, d]`` -> ``[b, n_kv, n, d]``."""
+        b, n, _ = ck.shape
+        k = self.k_proj_b(ck)
+        if self.k_proj.bias is not None:
+            k = k + self.k_proj.bias
+        return _rope(k.view(b, n, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+
+    def _kept_keys(self, layer, view, cos_all, sin_all, dtype):
+        """Keys of the compressed branch kept in the layer (``k_kept``, store dtype): only windows finished since
+        the last step are dequantized, re-projected and rotated."""
+        kept = layer.t.get("k_kept")
+        have = 0 if kept is None else kept.shape[2]
+        nr = view.rec_cv.shape[1]
+        if nr > have:
+            ck = layer._load_k(self.k_proj_a.out_features, dtype, start=have)
+            new = self._rebuild_keys(ck, cos_all[:, have:nr], sin_all[:, have:nr]).to(layer.store_dtype)
+            layer.t["k_kept"] = kept = new if kept is None else torch.cat([kept, new], 2)
+        return kept.to(dtype)
+
+    def _decode(self, query, k_rec, view, cos_all, sin_all):
+        """One query token per sequence: attention per KV head (no repeat_kv) over the compressed keys
+        ``[0, E)`` and the exact window ``[E, T)``; values of the compressed branch stay low-rank:
+        ``sum_j p_j (B_v c_j + b_v) = B_v (sum_j p_j c_j) + (sum_j p_j) b_v`` (no past value is rebuilt)."""
+        b, H, _, d = query.shape
+        nkv, G, E = self.n_kv, self.num_key_value_groups, view.ex_start
+        qg = query.view(b, nkv, G, d)
+        k_ex = _rope(view.ex_k, cos_all[:, E:], sin_all[:, E:])
+        s = torch.cat([torch.matmul(qg, k_rec[:, :, :E].transpose(-1, -2)),
+                       torch.matmul(qg, k_ex.transpose(-1, -2))], -1) * self.scaling
+        p = torch.softmax(s, -1, dtype=torch.float32).to(query.dtype)
+        p_rec, p_ex = p[..., :E], p[..., E:]
+        out = torch.matmul(p_ex, view.ex_v)  # [b, nkv, G, d]
+        if E > 0:
+            pc = torch.matmul(p_rec, view.rec_cv[:, None, :E])  # [b, nkv, G, r_v]
+            bv = self.v_proj_b.weight.view(nkv, d, -1)  # [nkv, d, r_v]
+            out = out + torch.matmul(pc, bv.transpose(-1, -2)[None])
+            if self.v_proj.bias is not None:
+                out = out + p_rec.sum(-1, keepdim=True) * self.v_proj.bias.view(nkv, 1, d)
+        return self.o_proj(out.reshape(b, 1, H * d))
 
     def _dense(self, query, k, v, attention_mask, q):
         keys = _repeat_kv(k, self.num_key_value_groups)
@@ -339,3 +435,24 @@ def asymptotic_bytes_per_token(ccfg: CSKVConfig, config) -> float:
     k = part(d["r_k"], ccfg.k_bits, d["r_k"] * 4 / ccfg.window)  # fp16 scale + fp16 min per channel per window
     v = part(d["r_v"], ccfg.v_bits, d["n_kv"] * 4)  # per token per head group
     return L * (k + v)
+
+
+def expected_cache_bytes(ccfg: CSKVConfig, config, n_tokens: int) -> int:
+    """Bytes a `CSKVCache` holds after ``n_tokens`` tokens (batch 1), from the layout alone: per layer,
+    ``Nr = floor(T/W)*W`` tokens in the compressed branch (`asymptotic_bytes_per_token` per token, or fp features),
+    ``T - Nr`` window tokens with exact K/V and their features in ``store_dtype``, and with ``keep_keys`` the
+    reconstructed keys of the ``Nr`` tokens in ``store_dtype``."""
+    d = ccfg.dims(config)
+    es = DTYPES[ccfg.store_dtype].itemsize
+    w = ccfg.window
+    nr = (n_tokens // w) * w
+    res = n_tokens - nr
+
+    def part(r, bits, meta):
+        return nr * r * es if bits == 16 else nr * math.ceil(r * bits / 8) + meta
+
+    k = part(d["r_k"], ccfg.k_bits, (nr // w) * d["r_k"] * 4)
+    v = part(d["r_v"], ccfg.v_bits, nr * (d["r_v"] // d["gv"]) * 4)
+    window = res * (2 * d["n_kv"] * d["d"] + d["r_k"] + d["r_v"]) * es
+    kept = nr * d["n_kv"] * d["d"] * es if ccfg.keep_keys else 0
+    return config.num_hidden_layers * (k + v + window + kept)

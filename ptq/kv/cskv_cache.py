@@ -127,16 +127,18 @@ class CSKVLayer(CacheLayerMixin):
         self._cat("v_scale", scale.squeeze(3))
         self._cat("v_min", lo.squeeze(3))
 
-    def _load_k(self, r: int, dtype) -> torch.Tensor | None:
+    def _load_k(self, r: int, dtype, start: int = 0) -> torch.Tensor | None:
+        """Dequantized key features of tokens ``[start, Nr)`` (``start`` a multiple of the window)."""
         if self.k_bits == 16:
             f = self.t.get("k_feat")
-            return None if f is None else f.to(dtype)
+            return None if f is None else f[:, start:].to(dtype)
         if self.t.get("k_codes") is None:
             return None
-        codes = unpack(self.t["k_codes"], self.k_bits, r)
+        codes = unpack(self.t["k_codes"][:, start:], self.k_bits, r)
         b, n, _ = codes.shape
         c = codes.reshape(b, n // self.window, self.window, r)
-        return dequantize_groups(c, self.t["k_scale"][:, :, None], self.t["k_min"][:, :, None]).reshape(b, n, r).to(dtype)
+        w0 = start // self.window
+        return dequantize_groups(c, self.t["k_scale"][:, w0:, None], self.t["k_min"][:, w0:, None]).reshape(b, n, r).to(dtype)
 
     def _load_v(self, r: int, dtype) -> torch.Tensor | None:
         if self.v_bits == 16:
@@ -152,9 +154,10 @@ class CSKVLayer(CacheLayerMixin):
 
     # -- the CSKV update -----------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
-               pos: torch.Tensor) -> CSKVView:
+               pos: torch.Tensor, load_k: bool = True) -> CSKVView:
         """Add ``q`` tokens: exact pre-RoPE ``k, v [b, n_kv, q, d]``, features ``ck [b, q, r_k]``,
-        ``cv [b, q, r_v]``, positions ``pos [b, q]``. Complete windows move to the compressed branch."""
+        ``cv [b, q, r_v]``, positions ``pos [b, q]``. Complete windows move to the compressed branch.
+        ``load_k=False``: the view's ``rec_ck`` is an empty ``[b, Nr, 0]`` placeholder (keys kept elsewhere)."""
         if not self.is_initialized:
             self.lazy_initialization(k, v)
         dtype, sd, w = k.dtype, self.store_dtype, self.window
@@ -176,10 +179,12 @@ class CSKVLayer(CacheLayerMixin):
         self.n_tok = T
         rk, rv = ck.shape[-1], cv.shape[-1]
         b = k.shape[0]
-        rec_ck = self._load_k(rk, dtype)
         rec_cv = self._load_v(rv, dtype)
+        if rec_cv is None:
+            rec_cv = k.new_zeros(b, 0, rv)
+        rec_ck = self._load_k(rk, dtype) if load_k else k.new_empty(b, rec_cv.shape[1], 0)
         if rec_ck is None:
-            rec_ck, rec_cv = k.new_zeros(b, 0, rk), k.new_zeros(b, 0, rv)
+            rec_ck = k.new_zeros(b, 0, rk)
         return CSKVView(rec_ck, rec_cv, ex_k.to(dtype), ex_v.to(dtype), self.pos, P, E, T, w)
 
     # -- CacheLayerMixin API -------------------------------------------------------------------------

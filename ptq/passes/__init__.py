@@ -7,6 +7,7 @@ import importlib
 PASSES: dict[str, str] = {
     "rtn": "ptq.passes.rtn:RTNPass",
     "gptq": "ptq.passes.gptq:GPTQPass",
+    "learned-rounding": "ptq.passes.learned_rounding:LearnedRoundingPass",
     "smoothquant": "ptq.passes.smoothquant:SmoothQuantPass",
     "os+": "ptq.passes.osplus:OSPlusPass",
     "act-quant": "ptq.passes.act_quant:ActQuantPass",

@@ -3,7 +3,8 @@ layer's calibration inputs and fit them with the layer-wise reconstruction loss 
 
 For ``x [tokens, H]`` (input of k_proj/v_proj): ``m = mean_t |x_t|`` drives the ASVD init
 (``S W^T = U Sigma V^T``, ``A^T = S^-1 U_r Sigma_r^1/2``, ``B^T = Sigma_r^1/2 V_r^T``, ``S = diag((m+1e-6)^alpha)``),
-then Adam minimizes ``MSE(x A^T B^T, x W^T)`` (= the RoPE'd key MSE, RoPE being a rotation) on a token subsample.
+then Adam minimizes ``MSE(Q(x A^T) B^T, x W^T)`` (= the RoPE'd key MSE, RoPE being a rotation) on a token subsample;
+``Q`` is the identity, or with ``qat: true`` the cache quantizer (k_bits / v_bits) with a straight-through estimator.
 
 Output: the layer's weights are unchanged (k_proj/v_proj still produce the exact window K/V); the factors go to
 ``ctx.extra`` as ``model.layers.{i}.self_attn.{k,v}_proj_{a,b}.weight`` and `finalize` writes ``cskv.json``
@@ -37,6 +38,8 @@ class CSKVPass(Pass):
         fit_steps: int = 300  # 0 = ASVD init only
         fit_lr: float = 1e-2  # Adam step relative to each factor's rms
         fit_tokens: int = 4096  # calibration tokens kept per layer for the fit
+        qat: bool = False  # quantization-aware fit: the k_bits/v_bits cache quantizer in the loss (STE)
+        keep_keys: bool = False  # run time: keep reconstructed keys of finished windows (faster decode, more bytes)
         seed: int = 0
 
         def __post_init__(self):
@@ -48,7 +51,7 @@ class CSKVPass(Pass):
 
         def cskv_fields(self) -> dict:
             return {k: getattr(self, k) for k in ("k_density", "v_density", "window", "k_bits", "v_bits",
-                                                  "store_dtype")}
+                                                  "store_dtype", "keep_keys")}
 
     def setup(self, sm) -> None:
         mt = getattr(sm.config, "model_type", None)
@@ -87,12 +90,23 @@ class CSKVPass(Pass):
         stats = {}
         for kind, r in (("k", self.dims["r_k"]), ("v", self.dims["r_v"])):
             w = ctx.module(f"self_attn.{kind}_proj").weight.data.float()
+            bits = o.k_bits if kind == "k" else o.v_bits
+            if r == w.shape[0]:  # density 1: quantization only, the cache holds K (or V) itself
+                ctx.extra[names[f"{kind}_proj_a"]] = w.to(ctx.module(f"self_attn.{kind}_proj").weight.dtype).clone()
+                ctx.extra[names[f"{kind}_proj_b"]] = torch.eye(r, dtype=ctx.extra[names[f"{kind}_proj_a"]].dtype)
+                stats[f"cskv.{kind}.err_init"] = stats[f"cskv.{kind}.err_fit"] = 0.0
+                continue
             a, b = asvd_factors(w, r, act_mean if o.init == "asvd" else None, o.alpha)
-            e_init = recon_error(w, a, b, x)
+            quant = None
+            if o.qat and bits < 16:
+                quant = ({"bits": bits, "axis": "channel", "window": o.window} if kind == "k"
+                         else {"bits": bits, "axis": "token", "group": self.dims["gv"]})
+            e_init = recon_error(w, a, b, x, quant)
             if o.fit_steps > 0:
                 with torch.enable_grad():
-                    a, b, _, _ = fit_factors(w, a, b, x, steps=o.fit_steps, lr=o.fit_lr, seed=o.seed + ctx.index)
-            e_fit = recon_error(w, a, b, x)
+                    a, b, _, _ = fit_factors(w, a, b, x, steps=o.fit_steps, lr=o.fit_lr, seed=o.seed + ctx.index,
+                                             quant=quant)
+            e_fit = recon_error(w, a, b, x, quant)
             dt = ctx.module(f"self_attn.{kind}_proj").weight.dtype
             ctx.extra[names[f"{kind}_proj_a"]] = a.to(dt).contiguous()
             ctx.extra[names[f"{kind}_proj_b"]] = b.to(dt).contiguous()
@@ -106,7 +120,7 @@ class CSKVPass(Pass):
         return {"cskv.json": {
             "method": "cskv", "config": self.ccfg.to_dict(), "dims": self.dims,
             "init": o.init, "alpha": o.alpha, "fit_steps": o.fit_steps, "fit_lr": o.fit_lr,
-            "fit_tokens": o.fit_tokens,
+            "fit_tokens": o.fit_tokens, "qat": o.qat,
             "tensors": "model.layers.{i}.self_attn.{k,v}_proj_{a,b}.weight (A [r, hidden], B [n_kv*d, r])",
             "layers": self.layer_stats,
         }}

@@ -31,7 +31,7 @@ class DoubleSparsityPass(Pass):
         label_bits: int = 4  # label cache bits (16 = fp)
         dense_layers: int = 2
         sparse_threshold: int = 1024  # sparse attention only when the key length exceeds this
-        channel_type: str = "qk"  # qk | qk_kv | q | k
+        channel_type: str = "qk_kv"  # qk_kv (one label set per KV head: the label cache) | qk | q | k
 
         def __post_init__(self):
             if self.channel_type not in CHANNEL_TYPES:

@@ -8,6 +8,11 @@ Options: act-order (columns by descending ``diag H``), static groups (qparams fi
 true-sequential (Hessians of a sub-block are collected after the previous sub-block was quantized). Linears
 that share an input (q/k/v, gate/up) share one Hessian.
 
+Mixture of experts (ptq.moe): each expert's linears get the Hessian of the tokens the router sends to that expert
+(the forward hook on the expert's linear sees only those). All experts' gate/up are calibrated in one pass over the
+data, then all downs. Fallback rule: a linear whose Hessian saw fewer than ``min_tokens`` tokens (default 16) is
+quantized with RTN; the layer's report lists ``moe.routed_tokens`` per expert and ``moe.fallback_experts``.
+
 Static groups are the default. Their qparams come from the original weights in contiguous groups (the RTN grid),
 so error feedback can push an updated weight out of range only to be clipped, never widen a group's scale. On
 SmolLM2-135M (massive activations; Austen calibration, W3 g64, 40 wikitext-2 windows) dynamic act-order groups
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ptq import moe
 from ptq.pipeline import LayerContext, Pass
 from ptq.quant.primitives import QuantSpec, compute_qparams
 from ptq.quant.qweight import QuantizedWeight
@@ -36,6 +42,8 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
         m = x.shape[0]
+        if m == 0:
+            return
         self.H *= self.n / (self.n + m)
         self.n += m
         x = x * math.sqrt(2 / self.n)
@@ -59,14 +67,17 @@ def _inverse_factor(H: torch.Tensor, damp: float, max_tries: int = 4) -> tuple[t
 
 def _qparams_cols(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """scale, zero ``[N]`` for a column block ``w [N, g]`` (one group)."""
-    s, z = compute_qparams(w, QuantSpec(spec.bits, -1, spec.sym, spec.mse))
+    s, z = compute_qparams(w, QuantSpec(spec.bits, -1, spec.sym, spec.mse, spec.clip))
     return s[:, 0], z[:, 0]
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False) -> tuple[QuantizedWeight, dict]:
-    """GPTQ of ``W [N, K]`` with Hessian ``H [K, K]`` -> (QuantizedWeight, info {loss, damp})."""
+                  act_order: bool = False, static_groups: bool = False,
+                  return_updated: bool = False) -> tuple[QuantizedWeight, dict]:
+    """GPTQ of ``W [N, K]`` with Hessian ``H [K, K]`` -> (QuantizedWeight, info {loss, damp}). With
+    ``return_updated`` info["updated"] ``[N, K]`` holds each column as it was just before rounding (after the
+    error feedback of the earlier columns): ``codes = clamp(round(updated / s) + z)``."""
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     N, K = W.shape
@@ -90,6 +101,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     U, used_damp = _inverse_factor(H, damp)
 
     codes = torch.zeros(N, K, dtype=torch.uint8)
+    updated = torch.zeros(N, K) if return_updated else None
     g_idx = torch.zeros(K, dtype=torch.int32)
     losses = torch.zeros(N)
     dynamic_groups = spec.group_size != -1 and not static_groups
@@ -112,6 +124,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
             s, z = scale[:, g], zero[:, g]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             codes[:, col] = q.to(torch.uint8)
+            if updated is not None:
+                updated[:, col] = w
             wq = s * (q - z)
             d = U1[i, i]
             losses += (w - wq) ** 2 / d**2 / 2
@@ -123,7 +137,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     inv = torch.argsort(perm)
     codes = codes[:, inv]
     qw = QuantizedWeight(codes, scale, None if spec.sym else zero, spec.bits, gs, g_idx)
-    return qw, {"loss": float(losses.sum()), "damp": used_damp}
+    info = {"loss": float(losses.sum()), "damp": used_damp}
+    if updated is not None:
+        info["updated"] = updated[:, inv]
+    return qw, info
 
 
 class GPTQPass(Pass):
@@ -138,6 +155,35 @@ class GPTQPass(Pass):
         damp: float = 0.01
         block_size: int = 128
         static_groups: bool = True  # see the module docstring
+        min_tokens: int = 16  # a linear whose Hessian saw fewer tokens (a starved MoE expert) gets RTN instead
+
+    @staticmethod
+    def _stages(ctx: LayerContext, present: set[str], true_sequential: bool) -> list[list[str]]:
+        """Linears calibrated together: one stage per group (true-sequential), except that groups sharing a
+        ``LinearGroup.stage`` (MoE experts, ptq.moe) form one stage; their Hessians (one per group) are then
+        split into chunks of at most the layer's own weight bytes, so peak memory stays about one layer."""
+        if not true_sequential:
+            return [[n for n in ctx.lmap.linears() if n in present]]
+        stages: dict[str, list] = {}
+        for g in ctx.lmap.groups:
+            names = [n for n in g.linears if n in present]
+            if names:
+                stages.setdefault(getattr(g, "stage", "") or g.name, []).append(names)
+        budget = sum(p.numel() * p.element_size() for p in ctx.layer.parameters())
+        out = []
+        for groups in stages.values():
+            chunk, used = [], 0
+            for names in groups:
+                k = ctx.module(names[0]).in_features
+                if chunk and used + 4 * k * k > budget:
+                    out.append(chunk)
+                    chunk, used = [], 0
+                chunk += names
+                used += 4 * k * k
+            out.append(chunk)
+        return out
+
+    keep_updated = False  # learned rounding sets this to read GPTQ's pre-rounding weights from self.updated
 
     def _hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, HessianAccumulator]:
         """One accumulator per distinct input (linears of a group share it)."""
@@ -160,14 +206,26 @@ class GPTQPass(Pass):
             raise ValueError("GPTQ needs calibration data")
         present = set(ctx.linears())
         o = self.opts
-        stages = [[n for n in g.linears if n in present] for g in ctx.lmap.groups] if o.true_sequential \
-            else [[n for n in ctx.lmap.linears() if n in present]]
-        for names in filter(None, stages):
+        for names in filter(None, self._stages(ctx, present, o.true_sequential)):
             hs = self._hessians(ctx, names)
             for n in names:
                 lin = ctx.module(n)
+                fallback = hs[n].n < o.min_tokens
+                moe.note_expert(ctx, n, hs[n].n, fallback)
+                if fallback:  # too few tokens for a meaningful Hessian (e.g. an MoE expert the router starves)
+                    qw = QuantizedWeight.from_float(lin.weight.data, self.spec)
+                    deq = qw.dequantize()
+                    ctx.stats[f"{n}.wmse"] = float((deq - lin.weight.data.float()).pow(2).mean())
+                    lin.weight.data = deq.to(lin.weight.dtype)
+                    ctx.qweights[ctx.prefix + n] = qw
+                    del hs[n]
+                    continue
                 qw, info = gptq_quantize(lin.weight.data, hs[n].H, self.spec, o.block_size, o.damp,
-                                         o.act_order, o.static_groups)
+                                         o.act_order, o.static_groups, return_updated=self.keep_updated)
+                if self.keep_updated:
+                    self.updated = getattr(self, "updated", {})
+                    self.updated[n] = info["updated"]
+                del hs[n]  # the last reference frees the Hessian
                 deq = qw.dequantize()
                 ctx.stats[f"{n}.gptq_loss"] = info["loss"]
                 ctx.stats[f"{n}.wmse"] = float((deq - lin.weight.data.float()).pow(2).mean())

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ptq.quant.clipping import CLIP_MODES, clip_range
+from ptq.quant.grid import minmax_qparams  # noqa: F401  (re-exported: part of the primitives' API)
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -28,13 +31,23 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128  # -1 = per output channel
     sym: bool = False
-    mse: bool = False  # grid search of a clipping factor (GPTQ quant.py `mse=True`)
+    mse: bool = False  # grid search of a clipping factor (GPTQ quant.py `mse=True`); same as clip="mse"
+    clip: str = "none"  # clipping-range search: none | mse | octav (ptq.quant.clipping)
 
     def __post_init__(self):
+        if self.clip not in CLIP_MODES:
+            raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {self.clip!r}")
+        if self.mse and self.clip not in ("none", "mse"):
+            raise ValueError(f"mse=True is clip='mse'; it cannot be combined with clip={self.clip!r}")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size must be -1 (per channel) or >= 1, got {self.group_size}")
+
+    @property
+    def clip_mode(self) -> str:
+        """The clipping search in effect (``mse=True`` is the legacy spelling of ``clip="mse"``)."""
+        return "mse" if self.mse else self.clip
 
     @property
     def maxq(self) -> int:
@@ -62,49 +75,24 @@ def _pad_groups(w: torch.Tensor, gs: int) -> torch.Tensor:
     return w.reshape(n, g, gs)
 
 
-def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool):
-    """Scale and (float, integral) zero from ranges. Shapes broadcast; returns ``(scale, zero)``."""
-    maxq = 2**bits - 1
-    xmin = torch.clamp(xmin, max=0)
-    xmax = torch.clamp(xmax, min=0)
-    if sym:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
-    dead = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
-    xmax = torch.where(dead, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        zero = torch.round(-xmin / scale)
-    return scale, zero
-
-
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero for ``w [N, K]`` -> ``scale [N, G]`` fp32, ``zero [N, G]`` fp32 (integral values).
 
-    With ``spec.mse`` the range is shrunk by ``p in {1, 0.99, ..., 0.2}`` per group to minimize
-    ``sum |w - Q(w)|^2.4`` (GPTQ's grid=100, maxshrink=0.8, norm=2.4).
+    The range of each group is min/max, or clipped by ``spec.clip_mode`` (ptq.quant.clipping): ``mse`` shrinks
+    it by ``p in {1, 0.99, ..., 0.2}`` to minimize ``sum |w - Q(w)|^2.4`` (GPTQ's grid=100, maxshrink=0.8,
+    norm=2.4); ``octav`` takes OCTAV's MSE-optimal fixed point.
     """
     w = w.float()
     gs = spec.gsize(w.shape[1])
     wg = _pad_groups(w, gs)
-    xmin, xmax = wg.amin(-1), wg.amax(-1)
-    scale, zero = minmax_qparams(xmin, xmax, spec.bits, spec.sym)
-    if not spec.mse:
-        return scale, zero
-    best = torch.full_like(scale, float("inf"))
-    for i in range(int(0.8 * 100)):
-        p = 1 - i / 100
-        s, z = minmax_qparams(p * xmin, p * xmax, spec.bits, spec.sym)
-        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, spec.maxq)
-        err = ((s[..., None] * (q - z[..., None]) - wg).abs() ** 2.4).sum(-1)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
-    return scale, zero
+    if spec.clip_mode == "none":
+        return minmax_qparams(wg.amin(-1), wg.amax(-1), spec.bits, spec.sym)
+    k = w.shape[1]
+    valid = None
+    if wg.shape[1] * gs != k:
+        valid = (torch.arange(wg.shape[1] * gs) < k).float().reshape(wg.shape[1], gs)
+    lo, hi = clip_range(wg, spec.bits, spec.sym, spec.clip_mode, valid)
+    return minmax_qparams(lo, hi, spec.bits, spec.sym)
 
 
 def expand_groups(t: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ptq.sparse.ds_runtime import LABEL_ATTR, DSCache, fake_quant, kv_label_channels, sparse_decode
+
 IMPL = "ptq_double_sparsity"
 OURS = "double_sparsity.json"
 SGLANG = "ds_channel_config.json"
 CHANNEL_TYPES = ("qk", "qk_kv", "q", "k")
+SELECTIONS = ("kv", "head", "query-labels")
 
 
 @dataclass
@@ -44,7 +47,10 @@ class DSConfig:
     sparse_threshold: int = 0  # sparse only when the key length Lk > threshold
     channel_type: str = "qk"
     sparse_prefill: bool = True  # False: queries of a multi-token forward run dense (SGLang: sparse decode only)
-    q_chunk: int = 512  # queries per block in prefill (memory ~ b*H*q_chunk*Lk)
+    q_chunk: int = 512  # study path: queries per block in prefill (memory ~ b*H*q_chunk*Lk)
+    selection: str = "kv"  # kv: one top-k per KV head (group scores summed) | head: per query head |
+    #                        query-labels: study path only, per-query-head label channels (no label cache)
+    study: bool = False  # forwards WITHOUT a DSCache (perplexity) run the accuracy-study path; else dense
 
     @classmethod
     def from_dict(cls, d: dict) -> "DSConfig":
@@ -114,16 +120,9 @@ def random_labels(rows: int, head_dim: int, seed: int = 0) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- runtime
 def fake_quant_labels(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Asymmetric per-vector min/max fake quantization over the last dim (reference ``pseudo_quantize``);
-    a zero range is replaced by 1."""
-    if bits >= 16:
-        return x
-    maxq = 2**bits - 1
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    rng = hi - lo
-    rng = torch.where(rng == 0, torch.ones_like(rng), rng)
-    s = maxq / rng
-    return torch.round((x - lo) * s).clamp(0, maxq) / s + lo
+    """Asymmetric per-vector min/max fake quantization over the last dim (reference ``pseudo_quantize``; a zero
+    range is replaced by 1), with step and minimum rounded to fp16 as the run-time label cache stores them."""
+    return fake_quant(x, bits)
 
 
 def label_channels(labels: torch.Tensor, r: int, heads: int) -> torch.Tensor:
@@ -169,9 +168,13 @@ def double_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     k_keep = min(cfg.heavy_tokens, Lk)
     kr = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     vr = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    ch = label_channels(labels.to(query.device), r, H)
-    q_lab = fake_quant_labels(gather_channels(query, ch), cfg.label_bits)
-    k_lab = fake_quant_labels(gather_channels(kr, ch), cfg.label_bits)
+    if cfg.selection == "query-labels":
+        ch = label_channels(labels.to(query.device), r, H)
+    else:  # the run time's channels: one set per KV head (ds_runtime.kv_label_channels)
+        ch = kv_label_channels(labels, key.shape[1], r).to(query.device).repeat_interleave(groups, 0)
+    q_lab = fake_quant(gather_channels(query, ch).float(), cfg.label_bits)
+    k_lab = gather_channels(kr, ch).float()
+    k_lab = k_lab.half().float() if cfg.label_bits >= 16 else fake_quant(k_lab, cfg.label_bits)  # as cached
     allowed, bias = _allowed_and_bias(attention_mask, b, Lq, Lk, query.device, query.dtype)
     neg = torch.finfo(query.dtype).min
     sm_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # softmax in >= fp32
@@ -180,7 +183,11 @@ def double_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     for s in range(0, Lq, step):
         e = min(Lq, s + step)
         al = allowed[..., s:e, :] if allowed.shape[-2] > 1 else allowed
-        approx = torch.matmul(q_lab[:, :, s:e], k_lab.transpose(-1, -2)).masked_fill(~al, float("-inf"))
+        approx = torch.matmul(q_lab[:, :, s:e], k_lab.transpose(-1, -2))
+        if cfg.selection == "kv" and groups > 1:  # one selection per KV head: the group's scores summed
+            a5 = approx.view(b, H // groups, groups, *approx.shape[2:])
+            approx = a5.sum(2, keepdim=True).expand_as(a5).reshape(approx.shape)
+        approx = approx.masked_fill(~al, float("-inf"))
         idx = approx.topk(k_keep, dim=-1).indices  # [b, H, c, k]
         if Lq == 1:  # decode: read only the kept rows of K and V
             i2 = idx[:, :, 0, :, None].expand(b, H, k_keep, d)
@@ -204,18 +211,35 @@ def double_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 def ds_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention-interface function (``"ptq_double_sparsity"``); returns ``([b, Lq, H, d], None)``."""
+    """transformers attention-interface function (``"ptq_double_sparsity"``); returns ``([b, Lq, H, d], None)``.
+
+    With a `DSCache` (generate's default after `install`): decode steps of sparse layers with more than
+    ``max(sparse_threshold, heavy_tokens)`` cached tokens run `sparse_decode` (label cache, top-k gather);
+    everything else (prefill, short caches, dense layers) runs dense sdpa. Without a `DSCache`, ``cfg.study``
+    selects the accuracy-study path `double_sparse_attention` (full score matrices, masks; for perplexity)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cfg, labels = getattr(module, "ds_cfg", None), getattr(module, "ds_labels", None)
+    cfg = getattr(module, "ds_cfg", None)
+    layer = getattr(key, LABEL_ATTR, None)
     Lk = key.shape[2]
-    if (cfg is None or labels is None or getattr(module, "layer_idx", 0) < cfg.dense_layers
-            or Lk <= cfg.sparse_threshold or Lk <= cfg.heavy_tokens
-            or (not cfg.sparse_prefill and query.shape[2] > 1)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    out = double_sparse_attention(query, key, value, labels, cfg, scaling, attention_mask)
-    return out.transpose(1, 2).contiguous(), None
+    sparse_layer = (cfg is not None and getattr(module, "ds_labels", None) is not None
+                    and getattr(module, "layer_idx", 0) >= cfg.dense_layers
+                    and Lk > cfg.sparse_threshold and Lk > cfg.heavy_tokens)
+    if sparse_layer and layer is not None and layer.channels is not None and query.shape[2] == 1:
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        allowed = None
+        if attention_mask is not None and attention_mask.dtype == torch.bool and not bool(attention_mask.all()):
+            allowed = attention_mask[:, 0, -1, :Lk]
+        out = sparse_decode(query, layer, cfg.heavy_tokens, scaling, cfg.label_bits, cfg.selection, allowed)
+        return out.transpose(1, 2).contiguous(), None
+    if sparse_layer and layer is None and cfg.study and (cfg.sparse_prefill or query.shape[2] == 1):
+        out = double_sparse_attention(query, key, value, module.ds_labels, cfg, scaling, attention_mask)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+double_sparse_attention_study = double_sparse_attention  # the accuracy-study path, by its role
 
 
 def register() -> None:
@@ -242,20 +266,59 @@ def _set_impl(model, impl: str) -> None:
 
 
 def install(model, labels: dict[int, torch.Tensor] | list[torch.Tensor], cfg: DSConfig) -> None:
-    """Make ``model`` run Double Sparsity attention. ``labels[i] [rows, d]`` for layer i (missing = dense)."""
+    """Make ``model`` run Double Sparsity attention. ``labels[i] [rows, d]`` for layer i (missing = dense).
+
+    ``model.generate`` then builds a `DSCache` (label cache + sparse decode) by default; `make_cache` gives one
+    for manual decoding loops."""
+    import types
+
     register()
     if cfg.channel_type not in CHANNEL_TYPES:
         raise ValueError(f"channel_type must be one of {CHANNEL_TYPES}, got {cfg.channel_type!r}")
+    if cfg.selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {cfg.selection!r}")
+    mc = model.config
+    H = mc.num_attention_heads
+    kvh = getattr(mc, "num_key_value_heads", None) or H
+    d = getattr(mc, "head_dim", None) or mc.hidden_size // H
+    r = cfg.heavy_channels or d // 4
+    channels = []
     for i, attn in enumerate(_attn_modules(model)):
         lab = labels.get(i) if isinstance(labels, dict) else (labels[i] if i < len(labels) else None)
         attn.ds_labels = None if lab is None else torch.as_tensor(lab, dtype=torch.long)
         attn.ds_cfg = cfg
+        sparse = attn.ds_labels is not None and i >= cfg.dense_layers
+        channels.append(kv_label_channels(attn.ds_labels, kvh, r) if sparse else None)
+    model.ds_channels, model.ds_cfg = channels, cfg
     _set_impl(model, IMPL)
+    if not hasattr(model, "_ds_orig_prepare"):
+        orig = model._ds_orig_prepare = model._prepare_cache_for_generation
+
+        def _prepare(self, generation_config, model_kwargs, *args, **kwargs):
+            key = "cache" if _takes_cache(self) else "past_key_values"
+            if (getattr(self, "ds_cfg", None) is not None and model_kwargs.get(key) is None
+                    and generation_config.use_cache is not False and generation_config.cache_implementation is None):
+                model_kwargs[key] = make_cache(self)
+            return orig(generation_config, model_kwargs, *args, **kwargs)
+
+        model._prepare_cache_for_generation = types.MethodType(_prepare, model)
+
+
+def _takes_cache(model) -> bool:
+    import inspect
+
+    return "cache" in inspect.signature(type(model).forward).parameters
+
+
+def make_cache(model) -> DSCache:
+    """A fresh `DSCache` for a model prepared by `install` (label channels per KV head, label bits)."""
+    return DSCache(model.ds_channels, model.ds_cfg.label_bits)
 
 
 def uninstall(model, impl: str = "sdpa") -> None:
     for attn in _attn_modules(model):
         attn.ds_labels = attn.ds_cfg = None
+    model.ds_cfg = None
     _set_impl(model, impl)
 
 
@@ -263,7 +326,8 @@ def uninstall(model, impl: str = "sdpa") -> None:
 def label_files(all_labels: dict[int, dict[str, torch.Tensor]], cfg: DSConfig, model_config, tokens: int,
                 means: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, str]:
     """Our ``double_sparsity.json`` and SGLang's ``ds_channel_config.json`` (keys
-    ``model.layers.{i}.self_attn.{q,k,qk}_proj`` -> list[rows][d] channels, most important first)."""
+    ``model.layers.{i}.self_attn.{q,k,qk}_proj`` -> list[rows][d] channels, most important first; ``qk`` has
+    KV-head rows for GQA models, ``q`` query-head rows, ``k`` KV-head rows)."""
     H = model_config.num_attention_heads
     ours = {
         "format": "ptq-double-sparsity", "version": 1,
@@ -277,9 +341,13 @@ def label_files(all_labels: dict[int, dict[str, torch.Tensor]], cfg: DSConfig, m
     if means:
         ours["importance"] = {str(i): means[i]["qk"].float().tolist() for i in sorted(means)}
     sg = {}
+    kvh = ours["num_kv_heads"]
     for i in sorted(all_labels):
         for t in ("q", "k", "qk"):
-            sg[f"model.layers.{i}.self_attn.{t}_proj"] = all_labels[i][t].tolist()
+            # SGLang gathers K's label channels with these rows (index rows <= KV heads, label buffer
+            # [tokens, Hkv, r]): with GQA, "qk" must have one row per KV head, i.e. our qk_kv ranking
+            lab = all_labels[i]["qk_kv"] if t == "qk" and kvh != H else all_labels[i][t]
+            sg[f"model.layers.{i}.self_attn.{t}_proj"] = lab.tolist()
     return {OURS: json.dumps(ours), SGLANG: json.dumps(sg)}
 
 
@@ -305,3 +373,13 @@ def install_from(model, path: str | Path, **overrides) -> DSConfig:
         setattr(cfg, k, v)
     install(model, labels, cfg)
     return cfg
+
+
+def load_double_sparsity(folder: str | Path, dtype=torch.float32, **overrides):
+    """The model of a ``ptq compress --recipe double-sparsity`` folder, with Double Sparsity installed
+    (``overrides`` replace `DSConfig` fields); ``model.generate`` then decodes sparsely from a label cache."""
+    from ptq.model_io import full_model
+
+    model, _ = full_model(folder, dtype=dtype)
+    install_from(model, folder, **overrides)
+    return model

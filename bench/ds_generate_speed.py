@@ -1,0 +1,132 @@
+"""``model.generate`` decode speed with a long prompt, dense vs Double Sparsity (SmolLM2-135M, CPU, 1 thread).
+
+One prefill of ``--prompt`` wikitext-2 tokens (minus one) fills a `DSCache`; then each variant runs
+``model.generate(prompt, cache=..., max_new_tokens=N)`` greedily from that state (the cache is cropped back after
+each run), ``--reps`` rounds with the variants interleaved:
+
+* ``dense (DynamicCache)``: plain transformers generate, sdpa attention, a DynamicCache built from the same K/V;
+* ``dense (DSCache)``: the DSCache with every layer dense (same buffers, no label scoring);
+* ``double sparsity``: label-cache sparse decode, k = prompt/``--frac`` tokens, r = d/``--rdiv``, first
+  ``--dense-layers`` layers dense.
+
+Tokens/s counts decode steps only (the first forward of generate processes the last prompt token), timed with
+process CPU time (single thread: the work, not the wait for a core on a loaded machine) and wall time.
+Greedy token agreement with the dense run is reported. Rows: ``bench/results/ds_generate_speed.jsonl``.
+
+    python bench/ds_generate_speed.py --model DS_FOLDER --prompt 8192
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_log import append  # noqa: E402
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+from calib.data import read_text, tokenize  # noqa: E402
+from ptq.model_io import tokenizer_for  # noqa: E402
+from ptq.sparse import load_double_sparsity, make_cache  # noqa: E402
+
+DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+class Clock(LogitsProcessor):
+    """Records (cpu, wall) time at every generation step."""
+
+    def __init__(self):
+        self.t = []
+
+    def __call__(self, input_ids, scores):
+        self.t.append((time.process_time(), time.perf_counter()))
+        return scores
+
+
+def run(model, prompt, cache, n, key):
+    clk = Clock()
+    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                         logits_processor=LogitsProcessorList([clk]), **{key: cache})
+    (c0, w0), (c1, w1) = clk.t[0], clk.t[-1]
+    steps = len(clk.t) - 1
+    return out[0, prompt.shape[1]:], steps / (c1 - c0), steps / (w1 - w0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="folder written by ptq compress --recipe double-sparsity")
+    ap.add_argument("--prompt", type=int, default=8192)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--frac", type=int, default=16)
+    ap.add_argument("--rdiv", type=int, default=8)
+    ap.add_argument("--dense-layers", type=int, default=2)
+    ap.add_argument("--label-bits", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    tok = tokenizer_for(args.model)
+    ids = tokenize(read_text(DATA / "wikitext2_test.raw.txt"), tok)
+    plen = min(args.prompt, 8192 - args.new - 1)
+    prompt = ids[:plen][None]
+    model = load_double_sparsity(args.model, heavy_tokens=plen // args.frac, label_bits=args.label_bits,
+                                 dense_layers=args.dense_layers, sparse_threshold=0)
+    cfg = model.ds_cfg
+    d = model.config.hidden_size // model.config.num_attention_heads
+    cfg.heavy_channels = d // args.rdiv
+    from ptq.sparse import install, load_labels
+
+    labels, _ = load_labels(args.model, cfg.channel_type)
+    install(model, labels, cfg)  # rebuild the per-KV-head channels with r = d / rdiv
+    key = "cache" if "cache" in type(model).forward.__code__.co_varnames else "past_key_values"
+    cache = make_cache(model)
+    with torch.no_grad():
+        model(input_ids=prompt[:, :-1], use_cache=True, **{key: cache})
+    print(f"[{time.time() - t0:.0f}s] prefill {plen - 1} tokens", flush=True)
+    P = plen - 1
+
+    def dyn():
+        dc = DynamicCache()
+        for i, layer in enumerate(cache.layers):
+            dc.update(layer.keys[:, :, :P].clone(), layer.values[:, :, :P].clone(), i)
+        return dc
+
+    variants = {"dense (DynamicCache)": None, "dense (DSCache)": None, "double sparsity": None}
+    res = {n: {"cpu": [], "wall": []} for n in variants}
+    toks = {}
+    dense_layers = cfg.dense_layers
+    for rep in range(args.reps):
+        for name in variants:
+            cfg.dense_layers = 10**6 if name.startswith("dense") else dense_layers
+            c = dyn() if name == "dense (DynamicCache)" else cache
+            with torch.no_grad():
+                out, tps_cpu, tps_wall = run(model, prompt, c, args.new, key)
+            if c is cache:
+                cache.crop(P)
+            res[name]["cpu"].append(tps_cpu)
+            res[name]["wall"].append(tps_wall)
+            toks[name] = out
+            print(f"[{time.time() - t0:.0f}s] rep {rep} {name}: {tps_cpu:.2f} tok/s cpu, {tps_wall:.2f} wall", flush=True)
+    med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in res.items()}
+    ref = toks["dense (DynamicCache)"]
+    row = {"prompt_tokens": P, "new_tokens": args.new, "heavy_tokens": cfg.heavy_tokens, "r": cfg.heavy_channels,
+           "label_bits": cfg.label_bits, "dense_layers": dense_layers, "selection": cfg.selection,
+           "tokens_per_s_cpu": {n: round(v["cpu"], 3) for n, v in med.items()},
+           "tokens_per_s_wall": {n: round(v["wall"], 3) for n, v in med.items()},
+           "speedup_vs_dynamic_cpu": round(med["double sparsity"]["cpu"] / med["dense (DynamicCache)"]["cpu"], 3),
+           "speedup_vs_dscache_dense_cpu": round(med["double sparsity"]["cpu"] / med["dense (DSCache)"]["cpu"], 3),
+           "greedy_agreement": {n: float((t == ref).float().mean()) for n, t in toks.items()},
+           "cache_bytes": cache.nbytes(), "reps": args.reps}
+    append("ds_generate_speed", row)
+    print(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Learned rounding and clipping, block by block (gradient-based PTQ; methods.md §2.2, *not* Frantar's GPTQ).
+
+For every linear ``W [N, K]`` of a decoder layer, with per-group scale ``s`` and zero ``z`` (expanded to ``[N, K]``
+by ``g_idx``), the quantized weight is (sign-gradient rounding offsets, as in AutoRound, Cheng et al. 2023)
+
+    W_hat = s * (clamp(round(W / s + v) + z, 0, 2^b - 1) - z),     v [N, K] in [v0 - 1/2, v0 + 1/2]
+
+and the clipping range of each group is learned as multipliers ``m_hi, m_lo [N, G]`` in ``[0.5, 1.5]`` of the
+initial grid's end points ``x_hi = (2^b - 1 - z0) s0`` and ``x_lo = -z0 s0``:
+``s = (m_hi x_hi - m_lo x_lo) / (2^b - 1)``, ``z = round(-m_lo x_lo / s)`` (symmetric grids: ``s = m_hi s0``).
+``round`` has a straight-through gradient. The loss is the layer's output error
+
+    L = mean || layer_fp(X) - layer_q(X) ||^2
+
+on the calibration inputs ``X`` of this layer, which come from the already-compressed previous layers. The
+target is the fp layer run on those same inputs: it is the objective GPTQ minimises per linear, extended to the
+whole block (attention and MLP interact), and it needs no second stream of fp activations, so memory stays one
+layer + inputs + targets. ``v`` and ``m`` take signed-gradient steps with a learning rate decaying linearly
+from ``lr`` to 0 (AutoRound's optimiser).
+
+Initialisation: RTN or GPTQ codes (``init``). ``v0`` is the smallest offset that makes the rounding reproduce the
+initial code, so weights GPTQ moved sit just inside their new code's interval and can move back. At the end the
+full calibration loss of the learned weights is compared with the initialisation's, and the better one is kept:
+the pass never ends above its initialisation's layer error on the calibration inputs.
+The result is an ordinary `QuantizedWeight` (same grid kinds as RTN/GPTQ), so every exporter takes it unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from ptq.pipeline import LayerContext, Pass, layer_forward
+from ptq.quant.primitives import expand_groups
+from ptq.quant.qweight import QuantizedWeight
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedLinear:
+    """Learnable rounding offsets and clip multipliers of one linear, initialised from a `QuantizedWeight`."""
+
+    def __init__(self, w: torch.Tensor, qw: QuantizedWeight, learn_clip: bool, start: torch.Tensor | None = None):
+        self.w = w.detach().float()  # [N, K] fp weights
+        self.qw0 = qw
+        self.bits, self.sym, self.g_idx = qw.bits, qw.sym, qw.g_idx
+        self.maxq = 2**qw.bits - 1
+        self.s0 = qw.scale.float()
+        self.z0 = qw.zeros().float()
+        self.hi0 = (self.maxq - self.z0) * self.s0  # [N, G] grid end points
+        self.lo0 = -self.z0 * self.s0
+        S, Z = expand_groups(self.s0, self.g_idx), expand_groups(self.z0, self.g_idx)
+        t = self.w / S
+        target = qw.codes.float() - Z  # integer level the init chose
+        # start where the init rounded from (GPTQ: its error-updated weight), kept inside the init code's interval
+        v0 = torch.zeros_like(t) if start is None else start.float() / S - t
+        v0 = torch.clamp(v0, target - 0.5 + 1e-3 - t, target + 0.5 - 1e-3 - t)
+        inrange = (qw.codes > 0) & (qw.codes < self.maxq)  # clamped codes: any offset beyond the edge is equal
+        v0 = torch.where(inrange, v0, torch.clamp(v0, -0.5, 0.5))
+        self.v_lo, self.v_hi = v0 - 0.5, v0 + 0.5
+        self.v = v0.clone().requires_grad_(True)
+        self.m_hi = torch.ones_like(self.s0, requires_grad=learn_clip)
+        self.m_lo = torch.ones_like(self.s0, requires_grad=learn_clip and not self.sym)
+        self.learn_clip = learn_clip
+
+    def params(self) -> list[torch.Tensor]:
+        ps = [self.v]
+        if self.learn_clip:
+            ps.append(self.m_hi)
+            if not self.sym:
+                ps.append(self.m_lo)
+        return ps
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Learned ``scale, zero [N, G]`` (differentiable, zero rounded straight-through)."""
+        if self.sym:
+            return self.s0 * self.m_hi, self.z0
+        hi, lo = self.m_hi * self.hi0, self.m_lo * self.lo0
+        s = ((hi - lo) / self.maxq).clamp(min=1e-10)
+        z = torch.clamp(_round_ste(-lo / s), 0, self.maxq)
+        return s, z
+
+    def weight(self) -> torch.Tensor:
+        """Fake-quantized ``W_hat [N, K]`` (differentiable in ``v`` and the clip multipliers)."""
+        s, z = self.qparams()
+        S, Z = expand_groups(s, self.g_idx), expand_groups(z, self.g_idx)
+        q = torch.clamp(_round_ste(self.w / S + self.v) + Z, 0, self.maxq)
+        return S * (q - Z)
+
+    @torch.no_grad()
+    def step(self, lr: float, clip_lr: float) -> None:
+        """Signed-gradient step, then project onto the boxes."""
+        for p in self.params():
+            if p.grad is not None:
+                p -= (lr if p is self.v else clip_lr) * torch.sign(p.grad)
+                p.grad = None
+        self.v.copy_(torch.minimum(torch.maximum(self.v, self.v_lo), self.v_hi))
+        self.m_hi.clamp_(0.5, 1.5)
+        self.m_lo.clamp_(0.5, 1.5)
+
+    @torch.no_grad()
+    def export(self) -> QuantizedWeight:
+        s, z = self.qparams()
+        S, Z = expand_groups(s, self.g_idx), expand_groups(z, self.g_idx)
+        codes = torch.clamp(torch.round(self.w / S + self.v) + Z, 0, self.maxq).to(torch.uint8)
+        return QuantizedWeight(codes, s.clone(), None if self.sym else z.clone(), self.bits, self.qw0.group_size,
+                               self.g_idx.clone(), meta=dict(self.qw0.meta))
+
+
+class LearnedRoundingPass(Pass):
+    name = "learned-rounding"
+    needs_calibration = True
+    quantizes_weights = True
+
+    @dataclass
+    class Options:
+        init: str = "gptq"  # rtn | gptq: the codes learning starts from
+        iters: int = 24  # signed-gradient steps per decoder layer (AutoRound uses 200 on GPUs)
+        lr: float = 0.005  # rounding-offset step (0 = 1 / iters, AutoRound's default); decays linearly to 0
+        batch: int = 2  # calibration sequences per step
+        learn_clip: bool = False  # learn per-group clip multipliers as well as the rounding
+        clip_lr: float = 0.0  # 0 = lr / 10
+        seed: int = 0
+        # GPTQ initialisation (see ptq.passes.gptq)
+        act_order: bool = True
+        static_groups: bool = True
+        damp: float = 0.01
+
+        def __post_init__(self):
+            if self.init not in ("rtn", "gptq"):
+                raise ValueError(f"init must be rtn or gptq, got {self.init!r}")
+            if self.iters < 0 or self.batch < 1 or self.lr < 0:
+                raise ValueError("iters >= 0, batch >= 1 and lr >= 0 are required")
+
+    def _init(self, ctx: LayerContext) -> dict:
+        """Quantize with the init method; returns {linear: weights the init rounded from} (GPTQ only)."""
+        o = self.opts
+        if o.init == "gptq":
+            from ptq.passes.gptq import GPTQPass
+
+            gp = GPTQPass(GPTQPass.Options(act_order=o.act_order, static_groups=o.static_groups, damp=o.damp),
+                          self.spec)
+            gp.keep_updated = True
+            gp.apply(ctx)
+            return getattr(gp, "updated", {})
+        from ptq.passes.rtn import RTNPass
+
+        RTNPass(None, self.spec).apply(ctx)
+        return {}
+
+    @torch.no_grad()
+    def _loss(self, ctx: LayerContext, targets: list[torch.Tensor], weights: dict | None = None) -> float:
+        tot = 0.0
+        for b, y in zip(ctx.batches, targets):
+            out = layer_forward(ctx.layer, b) if weights is None else _forward(ctx.layer, weights, b)
+            tot += float((out.float() - y).pow(2).mean())
+        return tot / max(1, len(targets))
+
+    def apply(self, ctx: LayerContext) -> None:
+        if not ctx.batches:
+            raise ValueError("learned rounding needs calibration data")
+        o = self.opts
+        names = ctx.linears()
+        fp = {n: ctx.module(n).weight.data.clone() for n in names}
+        targets = [y.float() for y in ctx.outputs()]  # fp layer on this layer's (compressed-chain) inputs
+        start = self._init(ctx)  # sets ctx.qweights and the layer's weights to the init's dequantized values
+        init_q = {n: ctx.qweights[ctx.prefix + n] for n in names}
+        loss0 = self._loss(ctx, targets)
+        learners = {n: LearnedLinear(fp[n], init_q[n], o.learn_clip, start.get(n)) for n in names}
+        for p in ctx.layer.parameters():
+            p.requires_grad_(False)
+        lr0 = o.lr or 1.0 / max(1, o.iters)
+        clip_lr0 = o.clip_lr or lr0 / 10
+        g = torch.Generator().manual_seed(o.seed + ctx.index)
+        with torch.enable_grad():
+            for it in range(o.iters):
+                idx = torch.randperm(len(ctx.batches), generator=g)[:o.batch].tolist()
+                for i in idx:
+                    ws = {f"{n}.weight": lr_.weight() for n, lr_ in learners.items()}
+                    out = _forward(ctx.layer, ws, ctx.batches[i])
+                    loss = (out.float() - targets[i]).pow(2).mean() / len(idx)
+                    loss.backward()
+                decay = 1 - it / max(1, o.iters)
+                for lr_ in learners.values():
+                    lr_.step(lr0 * decay, clip_lr0 * decay)
+        with torch.no_grad():
+            final = {n: lr_.export() for n, lr_ in learners.items()}
+            wq = {f"{n}.weight": final[n].dequantize().to(fp[n].dtype) for n in names}
+            loss1 = self._loss(ctx, targets, wq)
+        keep = loss1 < loss0
+        chosen = final if keep else init_q
+        for n in names:
+            lin = ctx.module(n)
+            lin.weight.data = chosen[n].dequantize().to(fp[n].dtype)
+            ctx.qweights[ctx.prefix + n] = chosen[n]
+            ctx.stats[f"{n}.wmse"] = float((lin.weight.data.float() - fp[n].float()).pow(2).mean())
+        ctx.stats["lr_loss_init"] = loss0
+        ctx.stats["lr_loss_final"] = loss1
+        ctx.stats["lr_kept"] = bool(keep)
+
+
+def _forward(layer, weights: dict, b) -> torch.Tensor:
+    out = functional_call(layer, weights, (b.hidden,), b.kwargs, strict=False)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,84 @@
+"""Learned rounding: never ends above its initialisation's layer error on the calibration inputs, improves on its
+init where there is room, and produces ordinary QuantizedWeights that every exporter takes."""
+import json
+
+import pytest
+import torch
+
+from ptq.model_io import StreamingModel
+from ptq.passes.learned_rounding import LearnedLinear, LearnedRoundingPass
+from ptq.pipeline import LayerContext, capture_inputs, run_layer
+from ptq.quant.primitives import QuantSpec
+from ptq.quant.qweight import QuantizedWeight
+
+
+def _contexts(folder, spec, n=4):
+    ids = torch.randint(2, 300, (n, 40), generator=torch.Generator().manual_seed(5))
+    sm = StreamingModel.open(str(folder))
+    batches = capture_inputs(sm, ids, batch_size=2)
+    for i in range(len(sm.layers)):
+        layer = sm.load_layer(i)
+        yield LayerContext(i, layer, sm.layer_prefix(i), sm.lmap, sm.config, batches, spec)
+        batches = run_layer(layer, batches)
+
+
+def _layer_error(ctx, targets):
+    return sum(float((o.float() - t).pow(2).mean()) for o, t in zip(ctx.outputs(), targets)) / len(targets)
+
+
+@pytest.mark.parametrize("init,sym,clip", [("rtn", False, True), ("gptq", False, False), ("gptq", True, True)])
+def test_never_above_init_and_weights_match_codes(tiny_models, init, sym, clip):
+    spec = QuantSpec(3, 32, sym)
+    kept = 0
+    for ctx in _contexts(tiny_models["llama-gqa"], spec):
+        targets = [y.float() for y in ctx.outputs()]
+        p = LearnedRoundingPass(LearnedRoundingPass.Options(init=init, iters=6, batch=2, learn_clip=clip), spec)
+        p.apply(ctx)
+        st = ctx.stats
+        err = _layer_error(ctx, targets)
+        assert err <= st["lr_loss_init"] * (1 + 1e-5) + 1e-9, (err, st)
+        assert abs(err - min(st["lr_loss_init"], st["lr_loss_final"])) <= 1e-5 * max(err, 1e-6)
+        kept += st["lr_kept"]
+        for n in ctx.linears():
+            qw = ctx.qweights[ctx.prefix + n]
+            assert isinstance(qw, QuantizedWeight) and qw.codes.dtype == torch.uint8 and qw.sym == sym
+            assert int(qw.codes.max()) <= 7
+            torch.testing.assert_close(ctx.module(n).weight.data.float(), qw.dequantize(), rtol=0, atol=0)
+    if init == "rtn":
+        assert kept >= 1  # from RTN there is room: learning must win somewhere
+
+
+def test_learned_linear_starts_exactly_at_its_init():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    qw = QuantizedWeight.from_float(w, QuantSpec(3, 32, False))
+    shifted = qw.codes.clone()
+    shifted[0, :8] = torch.clamp(shifted[0, :8].long() + 1, max=7).to(torch.uint8)  # an init that moved codes
+    qw2 = QuantizedWeight(shifted, qw.scale, qw.zero, 3, 32, qw.g_idx)
+    for q in (qw, qw2):
+        ll = LearnedLinear(w, q, learn_clip=True)
+        assert torch.equal(ll.export().codes, q.codes)
+        torch.testing.assert_close(ll.weight().detach(), q.dequantize())
+
+
+def test_recipe_compresses_and_exports(tiny_models, tmp_path):
+    from ptq.compress import CompressOptions, compress
+    from ptq.model_io import open_weights
+
+    out = tmp_path / "lr"
+    rep = compress(CompressOptions(model=str(tiny_models["llama"]), out=str(out), recipe="learned-rounding",
+                                   bits=3, group_size=32, nsamples=4, seqlen=32,
+                                   pass_options={"learned-rounding": {"iters": 4}}))
+    assert all(layer["lr_loss_final"] >= 0 for layer in rep["layers"])
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"]) == (3, 32)
+    reader = open_weights(out)
+    qw = reader.qweight("model.layers.0.mlp.down_proj")
+    assert qw is not None and qw.bits == 3
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="init must be"):
+        LearnedRoundingPass.Options(init="adaround")
+    with pytest.raises(ValueError, match="iters"):
+        LearnedRoundingPass.Options(iters=-1)
