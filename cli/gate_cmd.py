@@ -54,8 +54,13 @@ def gate(
         if save_baseline:
             _check_save_path(save_baseline, [compressed, baseline, text])
         stored = load_baseline(baseline_json) if baseline_json else None
-        metrics, base = measure(compressed, text, seqlen, windows, baseline=baseline, stored=stored,
-                                topk=topk if save_baseline else 0, allow_other_baseline=allow_other_baseline)
+        from cli.common import console
+        from cli.progress import LayerProgress
+
+        with LayerProgress(console, label="eval layer") as prog:
+            metrics, base = measure(compressed, text, seqlen, windows, baseline=baseline, stored=stored,
+                                    topk=topk if save_baseline else 0, progress=prog.on_layer,
+                                    allow_other_baseline=allow_other_baseline)
         checks = check(metrics, th) if any(v is not None for v in vars(th).values()) else []
     except (GateInputError, ModelInputError) as e:
         fail(str(e))

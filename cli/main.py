@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.common import console, fail  # noqa: F401  (console: re-exported for callers of cli.main)
+from cli.progress import LayerProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training compression of LLMs.")
 
@@ -36,8 +36,10 @@ def _fmt_bytes(n):
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="model folder or hub id (safetensors)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --force)"),
+    model: str = typer.Argument(..., help="model folder, hub id ORG/NAME in the local HF cache, or built-in "
+                                          "alias (smollm2-135m)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (must not exist unless --force); "
+                                       "default: MODEL-RECIPE-wBITS[...] in the working directory"),
     recipe: str = typer.Option("gptq", help="built-in recipe name (see `ptq recipes`) or a YAML path"),
     bits: Optional[int] = typer.Option(None, help="weight bits 2..8 (16 = unquantized, udfc only; default from the recipe)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="group size along K, -1 = per channel"),
@@ -52,6 +54,13 @@ def compress(
     seed: Optional[int] = typer.Option(None, help="calibration sampling seed"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     dtype: str = typer.Option("float32", help="compute dtype: float32 | float16 | bfloat16"),
+    store_dtype: str = typer.Option("auto", "--store-dtype", help="dtype of unquantized tensors in the output "
+                                    "(embeddings, norms, biases): auto = as in the checkpoint | float16 | ..."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="--format onnx: MatMulNBits accuracy_level; "
+                                       "4 (default) = int8 activations in the kernel, fast, changes the output; "
+                                       "0 = fp32, the quantized model exactly (docs/onnx.md)"),
+    embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="also quantize embeddings / lm_head "
+                                             "(8 or 4; compressed-tensors and onnx only, see docs/formats.md)"),
     eval_text: Optional[str] = typer.Option(None, "--eval-text", help="text file for perplexity/KL/top-1 after export"),
     eval_windows: int = typer.Option(40, help="evaluation windows"),
     set_: list[str] = typer.Option([], "--set", help="pass option override PASS.OPTION=VALUE (repeatable)"),
@@ -68,25 +77,33 @@ def compress(
     if prune_ratio is not None:
         overrides.setdefault("udfc", {})["prune_ratio"] = prune_ratio
     onnx = fmt == "onnx"
-    opts = CompressOptions(model=model, out=str(out), recipe=recipe, bits=bits, group_size=group_size, sym=sym,
-                           clip=clip, act_bits=act_bits, format=None if onnx else fmt, calib=calib, nsamples=nsamples,
-                           seqlen=seqlen, seed=seed, device=device, dtype=dtype, eval_text=eval_text,
-                           eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, pass_options=overrides, resume=resume)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("layers", total=None)
+    opts = CompressOptions(model=model, out=str(out) if out is not None else None, recipe=recipe, bits=bits,
+                           group_size=group_size, sym=sym, clip=clip, act_bits=act_bits,
+                           format=None if onnx else fmt, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           device=device, dtype=dtype, eval_text=eval_text, eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, pass_options=overrides, resume=resume,
+                           store_dtype=store_dtype, embed_bits=None if onnx else embed_bits)
+    if onnx and embed_bits not in (None, 4, 8):
+        fail(f"--embed-bits for ONNX must be 4 or 8, got {embed_bits}")
+    if accuracy_level not in range(5):
+        fail(f"--accuracy-level must be 0..4, got {accuracy_level}")
+    if accuracy_level != 4 and not onnx:
+        fail("--accuracy-level applies to --format onnx only")
+    try:
+        if out is None:
+            from ptq.compress import default_out_dir
 
-        def progress(i, n, pname):
-            bar.update(task, total=n, completed=i, description=f"layer {i + 1}/{n} {pname}")
+            import dataclasses
 
-        try:
-            report = run(opts, progress=progress)
-        except UsageError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            raise typer.Exit(130)
-        bar.update(task, completed=bar.tasks[0].total or 0, description="done")
+            out = default_out_dir(dataclasses.replace(opts, format="onnx") if onnx else opts)
+            opts.out = str(out)
+        console.print(f"ptq compress: {model} -> {out}", highlight=False, soft_wrap=True)
+        with LayerProgress(console) as prog:
+            report = run(opts, progress=prog.on_pass, on_layer=prog.on_layer)
+    except UsageError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
     if onnx:
         from cli.export_cmd import export_onnx_dir
 
@@ -94,13 +111,14 @@ def compress(
 
         tmp_onnx = out / ".onnx-partial"
         try:
-            export_onnx_dir(out, tmp_onnx)
+            export_onnx_dir(out, tmp_onnx, accuracy_level=accuracy_level, embed_bits=embed_bits)
         except (ValueError, RuntimeError, NotImplementedError) as e:
             shutil.rmtree(tmp_onnx, ignore_errors=True)
             fail(f"ONNX export failed: {e} (the compressed checkpoint is complete in {out}; "
                  "`ptq export` retries the ONNX step)")
         shutil.rmtree(out / "onnx", ignore_errors=True)
         tmp_onnx.rename(out / "onnx")
+    console.print(f"output written to {out}", highlight=False, soft_wrap=True)
     t = Table(title=f"ptq compress: {out}")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -132,7 +150,8 @@ def eval_(
     from ptq.model_io import ModelInputError
 
     try:
-        res = evaluate_pair(model, baseline, text, seqlen, windows)
+        with LayerProgress(console, label="eval layer") as prog:
+            res = evaluate_pair(model, baseline, text, seqlen, windows, progress=prog.on_layer)
     except (ModelInputError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     if json_out:

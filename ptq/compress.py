@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 @dataclass
 class CompressOptions:
     model: str
-    out: str
+    out: str | None = None  # None: `default_out_dir` (in the working directory)
     recipe: str = "gptq"
     bits: int | None = None
     group_size: int | None = None
@@ -60,6 +60,31 @@ class CompressOptions:
     trust_remote_code: bool = False
     resume: bool = False  # continue an interrupted run from <out>.ptq-partial (ptq.resume)
     pass_options: dict = field(default_factory=dict)  # pass name -> {option: value} overrides
+    store_dtype: str = "auto"  # unquantized tensors: "auto" = as in the checkpoint, or float32/float16/bfloat16
+    embed_bits: int | None = None  # quantize embeddings / untied lm_head too (formats with EMBED_BITS)
+
+
+def default_out_dir(opts: CompressOptions, recipe: Recipe | None = None) -> Path:
+    """``<model>-<recipe>-w<bits>[a<act>][-g<group>][-<format>]`` in the working directory; group size and
+    format appear only when they differ from the recipe's defaults (e.g. ``llama-7b-osplus-w4a8``)."""
+    import re
+
+    recipe = recipe or resolve_settings(opts)[0]
+    base = load_recipe(opts.recipe).defaults  # before the CLI overrides
+    d = recipe.defaults
+    model = Path(opts.model.rstrip("/")).name or "model"
+    rname = re.sub(r"[^A-Za-z0-9._-]", "", recipe.name.replace("+", "plus")) or "recipe"
+    name = f"{model}-{rname}-w{'fp' if opts.bits == 16 else d.bits}"
+    if d.act_bits is not None:
+        name += f"a{d.act_bits}"
+    if d.group_size != base.group_size:
+        name += "-pc" if d.group_size == -1 else f"-g{d.group_size}"
+    if d.sym != base.sym:
+        name += "-sym" if d.sym else "-asym"
+    fmt = opts.format
+    if fmt is not None and fmt != base.format:
+        name += f"-{fmt}"
+    return Path.cwd() / name
 
 
 def peak_rss_bytes() -> int:
@@ -127,6 +152,21 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
     return recipe, spec
+
+
+def check_store_options(opts: CompressOptions, writer_cls, fmt: str) -> None:
+    """``--store-dtype`` and ``--embed-bits`` against what the format's loaders read."""
+    from ptq.export.base import STORE_DTYPES
+
+    if opts.store_dtype not in ("auto", *STORE_DTYPES):
+        raise UsageError(f"--store-dtype must be auto or one of {', '.join(STORE_DTYPES)}, got {opts.store_dtype!r}")
+    if opts.embed_bits is not None:
+        ok = getattr(writer_cls, "EMBED_BITS", ())
+        if opts.embed_bits not in ok:
+            where = f"format {fmt} takes --embed-bits {'/'.join(map(str, ok))}" if ok else \
+                f"no loader of format {fmt} reads quantized embeddings"
+            raise UsageError(f"--embed-bits {opts.embed_bits}: {where}; use --format onnx (onnxruntime "
+                             "GatherBlockQuantized, 4 or 8 bits), see docs/formats.md")
 
 
 MIN_DAMP_FEW_TOKENS = 0.1  # damping used when the calibration set has fewer unique tokens than a linear's width
@@ -246,17 +286,20 @@ def _remove_created(path: Path | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def compress(opts: CompressOptions, progress=None) -> dict:
+def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
     """Run the converter; returns the report (also written to ``<out>/report.json``).
 
     All input checks run before any file is written. The output is built in ``<out>.ptq-partial`` with a
     resume state after each layer (ptq.resume) and renamed to ``<out>`` at the very end. Bad input
     (`UsageError`, including NaN/Inf weights found mid-run) removes the partial folder; an interruption or
-    crash keeps it so ``--resume`` continues from the last finished layer.
+    crash keeps it so ``--resume`` continues from the last finished layer. ``progress(i, n, pass_name)`` is
+    called before each pass of layer i, ``on_layer(i, n)`` after layer i is written.
     """
     t0 = time.time()
     clock = StageClock()
     recipe, spec = resolve_settings(opts)
+    if not opts.out:
+        opts.out = str(default_out_dir(opts, recipe))
     check_compress_options(opts, recipe)
     try:
         with clock("load"):
@@ -305,10 +348,12 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         writer_cls = writer_class(recipe.defaults.format)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_store_options(opts, writer_cls, recipe.defaults.format)
     passes = build_passes(recipe, spec, recipe.defaults)
     info = run_info(opts, recipe, spec, sm, calib_ids)
     fp = fingerprint({k: info[k] for k in ("model_fingerprint", "recipe", "spec", "format", "dtype", "calibration")}
-                     | {"device": opts.device, "ptq": ptq_version()})
+                     | {"device": opts.device, "ptq": ptq_version(), "store_dtype": opts.store_dtype,
+                        "embed_bits": opts.embed_bits})
 
     created = _make_parent(out)
     lock = OutputLock(out)
@@ -322,7 +367,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
         raise UsageError(f"cannot lock {out}: {e.strerror}; choose another --out") from e
     try:
         return _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                           progress, clock, calib_check)
+                           progress, clock, calib_check, on_layer)
     except UsageError:
         if not partial_dir(out).exists():  # refused before anything was written (a kept partial stays)
             _remove_created(created)
@@ -332,7 +377,7 @@ def compress(opts: CompressOptions, progress=None) -> dict:
 
 
 def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                progress, clock, calib_check) -> dict:
+                progress, clock, calib_check, on_layer=None) -> dict:
     """The part of `compress` that runs while holding the output lock (ptq.outlock)."""
     if out.exists() and not opts.force:  # another run finished it while we were validating
         raise UsageError(f"output folder {out} already exists; pass --force to replace it")
@@ -362,7 +407,9 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
         shutil.rmtree(tmp)
     tmp.mkdir(exist_ok=True)
     try:
-        writer = writer_cls(tmp, sm, spec, meta={"recipe": recipe.name})
+        writer = writer_cls(tmp, sm, spec, meta={
+            "recipe": recipe.name, "store_dtype": opts.store_dtype, "embed_bits": opts.embed_bits,
+            "passes": {n: dataclasses.asdict(o) for n, o in recipe.passes}})
         stats: list[dict] = []
         start, restore = 0, None
         if resume_state is not None:
@@ -376,6 +423,8 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
 
         def on_layer_done(i, batches):
             ckpt.save(i, n_layers, batches, writer, stats, passes)
+            if on_layer is not None:
+                on_layer(i, n_layers)
 
         loop = compress_loop(sm, passes, calib_ids, spec, writer, progress=progress, start_layer=start,
                              on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore, clock=clock)
@@ -457,8 +506,9 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
 
 
 def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
-                  dtype: str = "float32") -> dict:
-    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer."""
+                  dtype: str = "float32", progress=None) -> dict:
+    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer;
+    ``progress(i, n)`` after each layer of each model."""
     from calib.data import read_text, tokenize
     from ptq.eval.metrics import eval_windows, stream_metrics
 
@@ -479,4 +529,4 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     windows = eval_windows(tokenize(raw, tokenizer_for(sm.folder)), seqlen, max_windows)
     ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows) if ref else None
     check_gate_inputs(sm, ref, None, windows, ref_w, allow_other=True)  # same architecture and tokenizer
-    return stream_metrics(sm, windows, ref).to_dict()
+    return stream_metrics(sm, windows, ref, progress=progress).to_dict()

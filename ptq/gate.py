@@ -110,11 +110,11 @@ def text_windows(model_folder: Path, text: str, seqlen: int, windows: int) -> tu
 @torch.no_grad()
 def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baseline: str | None = None,
             stored: dict | None = None, topk: int = 0, dtype=torch.float32,
-            allow_other_baseline: bool = False) -> tuple[dict, dict | None]:
+            allow_other_baseline: bool = False, progress=None) -> tuple[dict, dict | None]:
     """Metrics of ``model`` against a baseline model or a stored baseline; with ``topk > 0`` (baseline
     model only) also returns a baseline file dict for `save_baseline`. Before any forward pass the baseline
     is checked to be the artifact's source model and to tokenize the text identically (`check_gate_inputs`)."""
-    from ptq.eval.metrics import _Accumulator, _stream_final
+    from ptq.eval.metrics import _Accumulator, _stream_final, logit_chunks
     from ptq.model_io import StreamingModel
     from ptq.validate import UsageError, baseline_identity, check_gate_inputs
 
@@ -129,25 +129,19 @@ def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baselin
     except UsageError as e:
         raise GateInputError(str(e)) from e
     bs = 4
-    final = _stream_final(sm, w, bs)
-    final_ref = _stream_final(ref, w, bs) if ref is not None else None
+    final = _stream_final(sm, w, bs, progress)
+    final_ref = _stream_final(ref, w, bs, progress) if ref is not None else None
     acc = _Accumulator(False)
-    norm, head = sm.head()
-    if ref is not None:
-        rnorm, rhead = ref.head()
     top_ids, top_lp, agree, kl_k, pos = [], [], 0, 0.0, 0
-    for j, b in enumerate(final):
-        ids = w[j * bs:(j + 1) * bs]
-        logits = head(norm(b.hidden))
-        ref_logits = rhead(rnorm(final_ref[j].hidden)) if final_ref is not None else None
-        acc.add(ids, logits, ref_logits)
+    # logits in chunks of positions (`logit_chunks`): never a whole window's [L, V] logits of both models
+    for tgt, logits, ref_logits in logit_chunks(sm, final, w, bs, ref, final_ref):
+        acc.add_positions(tgt, logits, ref_logits)
         if ref_logits is not None and topk:
-            lr = F.log_softmax(ref_logits[:, :-1].float(), -1).reshape(-1, ref_logits.shape[-1])
-            v, i = lr.topk(topk, -1)
+            v, i = F.log_softmax(ref_logits.float(), -1).topk(topk, -1)
             top_ids.append(i.to(torch.int32))
             top_lp.append(v)
         if stored is not None:
-            lp = F.log_softmax(logits[:, :-1].float(), -1).reshape(-1, logits.shape[-1])
+            lp = F.log_softmax(logits.float(), -1)
             s_ids, s_lp = stored["_ids"][pos:pos + lp.shape[0]], stored["_lp"][pos:pos + lp.shape[0]]
             pos += lp.shape[0]
             agree += int((lp.argmax(-1) == s_ids[:, 0].long()).sum())

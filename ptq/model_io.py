@@ -1,8 +1,9 @@
 """Model loading that never holds the whole model: a meta-device skeleton plus a `WeightSource` from which
 one decoder layer at a time is materialized.
 
-* `resolve_model(src)`: local folder, or a hub id fetched with `huggingface_hub.snapshot_download`
-  (safetensors, configs and tokenizer files only).
+* `resolve_model(src)`: a local folder, a built-in alias (`BUILTIN_MODELS`), a hub id already in the local
+  Hugging Face cache (found offline), or a hub id fetched with `huggingface_hub.snapshot_download`
+  (safetensors, configs and tokenizer files only); the error lists the forms and what was tried.
 * Pickled checkpoints (``*.bin``, ``*.pt``, ``*.pth``) are refused unless ``allow_pickle=True``; then they are
   read with ``torch.load(weights_only=True)``.
 * `SafetensorsSource` reads tensors lazily from (possibly sharded) ``*.safetensors``; `StateDictSource` wraps
@@ -23,6 +24,7 @@ from ptq.layermap import LayerMap, get_module, layer_map_for
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 BUILTIN_MODELS = ("smollm2-135m",)  # shipped by a pip package, converted once to a local safetensors cache
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 class ModelInputError(ValueError):
@@ -81,11 +83,13 @@ class SafetensorsSource(WeightSource):
         if not files:
             raise ModelInputError(f"no *.safetensors files in {self.folder}")
         self._where: dict[str, Path] = {}
+        self._dtype: dict[str, str] = {}  # key -> safetensors dtype tag ("F16", "BF16", "F32", ...)
         for f in files:
             try:
                 h = safe_open(str(f), framework="pt")
                 for k in h.keys():
                     self._where[k] = f
+                    self._dtype[k] = h.get_slice(k).get_dtype()
             except Exception as e:  # truncated / corrupt header
                 raise ModelInputError(f"corrupt safetensors file {f.name}: {e}. Re-download or re-export it.") from e
             del h  # see `get`: no handle (and so no mmap) outlives the tensors read through it
@@ -95,6 +99,10 @@ class SafetensorsSource(WeightSource):
 
     def __contains__(self, name):
         return name in self._where
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """dtype of ``name`` as stored in the file (read from the header, no data loaded)."""
+        return SAFETENSORS_DTYPES.get(self._dtype.get(name, ""))
 
     def get(self, name):
         # A fresh handle per read: safetensors tensors are views of the file's mmap, and a long-lived handle keeps
@@ -124,32 +132,81 @@ class PickleSource(StateDictSource):
         super().__init__(sd)
 
 
+MODEL_FORMS = ("a local model folder (config.json + *.safetensors)",
+               "a hub id ORG/NAME already in the Hugging Face cache (or downloadable)",
+               "a built-in alias: " + ", ".join(BUILTIN_MODELS))
+
+
 def resolve_model(src: str, allow_pickle: bool = False) -> Path:
-    """Local folder for ``src`` (a folder or a hub id). Raises `ModelInputError` with what to do next."""
+    """Local folder for ``src``, tried in order: an existing folder, a built-in alias, a hub id (or a bare repo
+    name) already in the local Hugging Face cache, a hub download. Raises `ModelInputError` naming the
+    accepted forms and what was tried."""
     p = Path(src)
-    if src in BUILTIN_MODELS and not p.exists():
+    if p.exists():
+        if not p.is_dir():
+            raise ModelInputError(f"{src} is a file; pass the model folder (config.json + *.safetensors)")
+        return p
+    if src in BUILTIN_MODELS:
         from ptq.models import smollm2
 
         try:
             return smollm2.ensure_cache()
         except FileNotFoundError as e:
             raise ModelInputError(str(e)) from e
-    if p.exists():
-        if not p.is_dir():
-            raise ModelInputError(f"{src} is a file; pass the model folder (config.json + *.safetensors)")
-        return p
-    if src.count("/") == 1 and not src.startswith((".", "/")):
+    tried = [f"no folder {p.resolve()}", f"not a built-in alias ({', '.join(BUILTIN_MODELS)})"]
+    looks_like_id = src.count("/") == 1 and not src.startswith((".", "/", "~"))
+    repo = src if looks_like_id else _cached_repo_by_name(src)
+    if repo is not None:
+        found = _hf_cached_snapshot(repo, allow_pickle)
+        if found is not None:
+            return found
+        tried.append(f"no snapshot of {repo} in the Hugging Face cache ({_hf_cache_dir()})")
+    elif "/" not in src:
+        tried.append(f"no cached hub repo named {src!r} in {_hf_cache_dir()}")
+    if looks_like_id and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
         try:
             from huggingface_hub import snapshot_download
 
-            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
-            if allow_pickle:
-                patterns.append("*.bin")
-            return Path(snapshot_download(src, allow_patterns=patterns))
+            return Path(snapshot_download(src, allow_patterns=_hub_patterns(allow_pickle), cache_dir=_hf_cache_dir()))
         except Exception as e:
-            raise ModelInputError(f"cannot fetch {src!r} from the hub ({type(e).__name__}); "
-                                  "download it first and pass the local folder") from e
-    raise ModelInputError(f"model folder {src} does not exist")
+            tried.append(f"download from the hub failed ({type(e).__name__})")
+    raise ModelInputError(f"model folder {src} does not exist; tried: {'; '.join(tried)}. MODEL can be "
+                          f"{'; '.join(MODEL_FORMS)}")
+
+
+def _hub_patterns(allow_pickle: bool) -> list[str]:
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+    return patterns + ["*.bin"] if allow_pickle else patterns
+
+
+def _hf_cache_dir() -> str:
+    """The hub cache folder (``HF_HUB_CACHE`` read now, not at import, so a test or caller can point it)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or str(constants.HF_HUB_CACHE)
+
+
+def _hf_cached_snapshot(repo: str, allow_pickle: bool) -> Path | None:
+    """Snapshot folder of ``repo`` from the local cache only (no network), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=_hub_patterns(allow_pickle), local_files_only=True,
+                                      cache_dir=_hf_cache_dir()))
+    except Exception:
+        return None
+
+
+def _cached_repo_by_name(name: str) -> str | None:
+    """``ORG/NAME`` of the one cached model repo whose NAME equals ``name`` (case-insensitive), else None."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = [r.repo_id for r in scan_cache_dir(_hf_cache_dir()).repos if r.repo_type == "model"]
+    except Exception:  # no cache folder, unreadable cache
+        return None
+    hits = [r for r in repos if r.split("/")[-1].lower() == name.lower()]
+    return hits[0] if len(hits) == 1 else None
 
 
 def open_weights(folder: Path, allow_pickle: bool = False) -> WeightSource:

@@ -151,7 +151,7 @@ def test_pass_export_and_load(tiny_models, tmp_path):
     dec, _ = _decode(model, ids, prefill=12)
     torch.testing.assert_close(dec, emu, atol=2e-3, rtol=0)  # fp16 window storage
     q4 = load_cskv_model(out, k_bits=4, v_bits=4)
-    assert q4.cskv_config.k_bits == 4 and q4.generate(ids[:, :3], max_new_tokens=5).shape[1] == 8
+    assert q4.cskv_config.k_bits == 4 and q4.generate(ids[:, :3], max_new_tokens=5, min_new_tokens=5).shape[1] == 8
     from transformers import AutoModelForCausalLM  # plain transformers still loads the dense model
 
     plain = AutoModelForCausalLM.from_pretrained(out)

@@ -59,13 +59,18 @@ class _Accumulator:
     def add(self, ids: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor | None):
         """``ids [b, L]``, logits ``[b, L, V]``: token t+1 predicted at position t."""
         s = self.skip
-        tgt = ids[:, s + 1:].reshape(-1)
-        lp = F.log_softmax(logits[:, s:-1].float(), -1).reshape(-1, logits.shape[-1])
+        v = logits.shape[-1]
+        self.add_positions(ids[:, s + 1:].reshape(-1), logits[:, s:-1].reshape(-1, v),
+                           None if ref_logits is None else ref_logits[:, s:-1].reshape(-1, v))
+
+    def add_positions(self, tgt: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor | None):
+        """Scored positions only: targets ``tgt [T]``, logits ``[T, V]`` (and the reference's ``[T, V]``)."""
+        lp = F.log_softmax(logits.float(), -1)
         self.nll += float(-lp.gather(1, tgt[:, None]).sum())
         self.tokens += tgt.numel()
         if ref_logits is not None:
             self.has_ref = True
-            lr = F.log_softmax(ref_logits[:, s:-1].float(), -1).reshape(-1, logits.shape[-1])
+            lr = F.log_softmax(ref_logits.float(), -1)
             self.nll_ref += float(-lr.gather(1, tgt[:, None]).sum())
             self.kl += float((lr.exp() * (lr - lp)).sum())
             self.agree += int((lr.argmax(-1) == lp.argmax(-1)).sum())
@@ -104,20 +109,41 @@ def _stream_final(sm: StreamingModel, windows: torch.Tensor, batch_size: int, pr
     return batches
 
 
+LOGIT_CHUNK = 128  # positions per logits chunk: [128, V] fp32 = 25 MB at V = 49k (a whole window: 100 MB)
+
+
 @torch.no_grad()
-def stream_metrics(sm: StreamingModel, windows: torch.Tensor, ref: StreamingModel | None = None,
-                   batch_size: int = 4, skip_first: bool = False, progress=None) -> Metrics:
-    """Layer-by-layer evaluation of ``sm`` (and ``ref``): memory ~ one layer + hidden states of ``windows``."""
-    final = _stream_final(sm, windows, batch_size, progress)
-    final_ref = _stream_final(ref, windows, batch_size, progress) if ref is not None else None
-    acc = _Accumulator(skip_first)
+def logit_chunks(sm: StreamingModel, final: list[Batch], windows: torch.Tensor, batch_size: int,
+                 ref: StreamingModel | None = None, final_ref: list[Batch] | None = None, skip_first: bool = False,
+                 chunk: int = LOGIT_CHUNK):
+    """Yield ``(tgt [T], logits [T, V], ref_logits [T, V] | None)`` over every scored position of ``windows``
+    (position t predicts token t+1), one window and at most ``chunk`` positions at a time, from the final
+    hidden states ``final`` (outputs of the last decoder layer, batches of ``batch_size`` windows). Only one
+    chunk of logits per model is ever alive: memory does not grow with the window length or count."""
     norm, head = sm.head()
     if ref is not None:
         rnorm, rhead = ref.head()
+    s = 1 if skip_first else 0
     for j, b in enumerate(final):
-        for r in range(b.hidden.shape[0]):  # one window at a time: logits [1, L, V] are the big tensors
-            ids = windows[j * batch_size + r:j * batch_size + r + 1]
-            logits = head(norm(b.hidden[r:r + 1]))
-            ref_logits = rhead(rnorm(final_ref[j].hidden[r:r + 1])) if final_ref is not None else None
-            acc.add(ids, logits, ref_logits)
+        for r in range(b.hidden.shape[0]):
+            ids = windows[j * batch_size + r]
+            h = b.hidden[r]
+            hr = final_ref[j].hidden[r] if final_ref is not None else None
+            for c0 in range(s, ids.numel() - 1, chunk):
+                c1 = min(c0 + chunk, ids.numel() - 1)
+                logits = head(norm(h[c0:c1]))
+                ref_logits = rhead(rnorm(hr[c0:c1])) if hr is not None else None
+                yield ids[c0 + 1:c1 + 1], logits, ref_logits
+
+
+@torch.no_grad()
+def stream_metrics(sm: StreamingModel, windows: torch.Tensor, ref: StreamingModel | None = None,
+                   batch_size: int = 4, skip_first: bool = False, progress=None) -> Metrics:
+    """Layer-by-layer evaluation of ``sm`` (and ``ref``): memory ~ one layer + hidden states of ``windows``
+    + one chunk of logits (`logit_chunks`)."""
+    final = _stream_final(sm, windows, batch_size, progress)
+    final_ref = _stream_final(ref, windows, batch_size, progress) if ref is not None else None
+    acc = _Accumulator(skip_first)
+    for tgt, logits, ref_logits in logit_chunks(sm, final, windows, batch_size, ref, final_ref, skip_first):
+        acc.add_positions(tgt, logits, ref_logits)
     return acc.result()

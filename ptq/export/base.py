@@ -22,11 +22,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
-def storage_dtype(config) -> torch.dtype:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else torch.float32
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def checkpoint_dtype(sm: StreamingModel) -> torch.dtype:
+    """The dtype the source checkpoint stores its floating tensors in: the most common one in the safetensors
+    headers, else config.json's ``dtype`` / ``torch_dtype`` as written on disk, else float32. (The in-memory
+    config cannot be asked: building the compute skeleton overwrites its dtype with the compute dtype.)"""
+    src = sm.source
+    stored = getattr(src, "stored_dtype", None)
+    if stored is not None:
+        counts: dict[torch.dtype, int] = {}
+        for k in src.keys():
+            d = stored(k)
+            if d is not None:
+                counts[d] = counts.get(d, 0) + 1
+        if counts:
+            return max(counts, key=counts.get)
+    if sm.folder is not None and (Path(sm.folder) / "config.json").exists():
+        try:
+            raw = json.loads((Path(sm.folder) / "config.json").read_text())
+            d = STORE_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype")))
+            if d is not None:
+                return d
+        except (OSError, json.JSONDecodeError):
+            pass
+    return torch.float32
 
 
 class CheckpointWriter:
@@ -36,16 +58,32 @@ class CheckpointWriter:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.sm, self.spec, self.meta = sm, spec, meta or {}
-        self.dtype = storage_dtype(sm.config)
+        # unquantized tensors keep the checkpoint's dtype (per tensor) unless meta["store_dtype"] overrides it;
+        # the compute dtype (--dtype) never leaks into the files
+        override = self.meta.get("store_dtype")
+        self.store_override = STORE_DTYPES[override] if override not in (None, "auto") else None
+        self.dtype = self.store_override or checkpoint_dtype(sm)
         self.weight_map: dict[str, str] = {}
         self.qweights_written: list[str] = []
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        """Storage dtype of the unquantized floating tensor ``name``: the override, else the dtype the source
+        stored it in, else the checkpoint dtype (tensors a pass created)."""
+        if self.store_override is not None:
+            return self.store_override
+        stored = getattr(self.sm.source, "stored_dtype", None)
+        d = stored(name) if stored is not None else None
+        return d or self.dtype
+
+    def cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.tensor_dtype(name)) if t.is_floating_point() else t
 
     # -- to override -------------------------------------------------------------------------------
     def linear_tensors(self, path: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Tensors for one quantized Linear at module ``path`` (no trailing dot)."""
-        out = {f"{path}.weight": qw.dequantize().to(self.dtype)}
+        out = {f"{path}.weight": qw.dequantize().to(self.tensor_dtype(f"{path}.weight"))}
         if bias is not None:
-            out[f"{path}.bias"] = bias.to(self.dtype)
+            out[f"{path}.bias"] = self.cast(f"{path}.bias", bias)
         return out
 
     def quantization_config(self) -> dict | None:
@@ -66,7 +104,7 @@ class CheckpointWriter:
             mod = full.rsplit(".", 1)[0]
             if mod in qpaths:
                 continue
-            tensors[full] = p.data.to(self.dtype) if p.is_floating_point() else p.data
+            tensors[full] = self.cast(full, p.data)
         for mod in sorted(qpaths):
             local = mod[len(ctx.prefix):]
             bias = getattr(ctx.module(local), "bias", None)
@@ -81,9 +119,7 @@ class CheckpointWriter:
     def write_nonlayer(self) -> None:
         """Embeddings, final norm and (untied) lm_head, unquantized, in the checkpoint dtype."""
         sm = self.sm
-        keys = [k for k in sm.nonlayer_keys()]
-        self.write_shard("nonlayer.safetensors", {k: sm.source.get(k).to(self.dtype) if sm.source.get(k).is_floating_point()
-                                                  else sm.source.get(k) for k in keys})
+        self.write_shard("nonlayer.safetensors", {k: self.cast(k, sm.source.get(k)) for k in sm.nonlayer_keys()})
 
     def finalize(self, extra_files: dict | None = None) -> None:
         cfg = self.sm.config
@@ -93,6 +129,8 @@ class CheckpointWriter:
         elif hasattr(cfg, "quantization_config"):
             del cfg.quantization_config
         cfg.dtype = self.dtype
+        if not getattr(cfg, "architectures", None):  # runtimes (ORT-GenAI builder, vLLM) dispatch on it
+            cfg.architectures = [type(self.sm.model).__name__]
         cfg.save_pretrained(self.out)
         (self.out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"format": self.format_name}, "weight_map": dict(sorted(self.weight_map.items()))},

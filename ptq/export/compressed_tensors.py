@@ -129,7 +129,7 @@ class CTWriter(QuantConfigMixin, CheckpointWriter):
         enc = int_ct if self.weight_format == "int-quantized" else pack_ct
         out = {f"{path}.{k}": v for k, v in enc(qw, self.dtype).items()}
         if bias is not None:
-            out[f"{path}.bias"] = bias.to(self.dtype)
+            out[f"{path}.bias"] = self.cast(f"{path}.bias", bias)
         return out
 
     def _act_tensors(self, ctx, qpaths: set[str]) -> dict[str, torch.Tensor]:

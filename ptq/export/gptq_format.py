@@ -113,20 +113,27 @@ class GPTQWriter(QuantConfigMixin, CheckpointWriter):
         self._note(qw)
         out = {f"{path}.{k}": v for k, v in pack_gptq(qw, self._v1(qw)).items()}
         if bias is not None:
-            out[f"{path}.bias"] = bias.to(self.dtype)
+            out[f"{path}.bias"] = self.cast(f"{path}.bias", bias)
         return out
 
     def quantization_config(self) -> dict:
         s = self._summary()
         fmt = "gptq" if s["sym"] else "gptq_v2"
         m = s["meta"]
-        return {
+        qc = {
             "quant_method": "gptq", "bits": s["bits"], "group_size": s["gs"], "desc_act": s["act_order"],
-            "sym": s["sym"], "checkpoint_format": fmt, "format": fmt,
-            "damp_percent": m.get("damp", 0.01), "true_sequential": m.get("true_sequential", True),
-            "static_groups": m.get("static_groups", False), "lm_head": False,
+            "sym": s["sym"], "checkpoint_format": fmt, "format": fmt, "lm_head": False,
             "meta": {"quantizer": ["ptq:0.1.0"], "recipe": self.meta.get("recipe")},
         }
+        # GPTQ-algorithm keys only when the GPTQ pass ran, with the recipe's values (RTN / NUPES weights have
+        # no damping or group mode to describe). desc_act describes the stored g_idx (non-trivial = act-order
+        # groups); with static groups GPTQ runs in act-order but g_idx stays k // g, so desc_act is false.
+        g = (self.meta.get("passes") or {}).get("gptq")
+        if g is not None:
+            qc.update(damp_percent=g.get("damp"), true_sequential=g.get("true_sequential"),
+                      static_groups=g.get("static_groups"))
+            qc["meta"]["act_order"] = g.get("act_order")
+        return qc
 
 
 class GPTQSource(QuantizedSource, WeightSource):

@@ -87,7 +87,7 @@ class NUPESWriter(CheckpointWriter):
         seen["agran"].add("channel" if isinstance(e, torch.Tensor) and e.numel() > 1 else "layer")
         out = {f"{path}.{key}": v for key, v in pack_nupes(qw).items()}
         if bias is not None:
-            out[f"{path}.bias"] = bias.to(self.dtype)
+            out[f"{path}.bias"] = self.cast(f"{path}.bias", bias)
         return out
 
     def quantization_config(self) -> dict:
