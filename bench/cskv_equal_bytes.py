@@ -98,7 +98,7 @@ def main():
     if cc is not None and cc.exists():
         stats = torch.load(cc)
     else:
-        ids = load_calibration(DATA / "janeausten", tok, args.nsamples, 512, 0)
+        ids = load_calibration(DATA / "janeausten", tok, args.nsamples, 512, 0, bos=True)
         stats = calib_stats(model, ids, args.fit_tokens)
         if cc is not None:
             torch.save(stats, str(cc) + ".tmp")

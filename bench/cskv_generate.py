@@ -72,7 +72,7 @@ def main():
     else:
         from cskv_smollm2 import calib_stats
 
-        stats = calib_stats(model, load_calibration(DATA / "janeausten", tok, 8, 512, 0), 256)
+        stats = calib_stats(model, load_calibration(DATA / "janeausten", tok, 8, 512, 0, bos=True), 256)
     kd, vd, kb, vb = args.config.split(":")
     ccfg = CSKVConfig(float(kd), float(vd), 32, int(kb), int(vb))
     dims = ccfg.dims(config)

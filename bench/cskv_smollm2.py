@@ -152,7 +152,7 @@ def main():
         stats = torch.load(cc)
         log(f"calibration stats loaded from {cc}")
     else:
-        ids = load_calibration(DATA / "janeausten", tok, args.nsamples, args.seqlen, 0)
+        ids = load_calibration(DATA / "janeausten", tok, args.nsamples, args.seqlen, 0, bos=True)
         stats = calib_stats(model, ids, args.fit_tokens)
         if cc is not None:
             torch.save(stats, str(cc) + ".tmp")

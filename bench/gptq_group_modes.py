@@ -60,7 +60,7 @@ def main():
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in lin.items() if not n.endswith(shared)]
     with torch.no_grad():
-        for w in load_calibration(DATA / "janeausten", tok, args.nsamples, 512, seed=0):
+        for w in load_calibration(DATA / "janeausten", tok, args.nsamples, 512, seed=0, bos=True):
             model(w[None])
     for h in hooks:
         h.remove()

@@ -187,7 +187,7 @@ def main():
     if {"gptq", "nupes"} & set(methods):
         cf = cache / f"austen_{args.nsamples}x512.pt"
         if not cf.exists():
-            torch.save(load_calibration(DATA / "janeausten", tok, args.nsamples, 512, 0), cf)
+            torch.save(load_calibration(DATA / "janeausten", tok, args.nsamples, 512, 0, bos=True), cf)
         calib = torch.load(cf)
     out.parent.mkdir(parents=True, exist_ok=True)
     for cfg in args.configs.split(","):

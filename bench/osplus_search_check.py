@@ -87,7 +87,7 @@ def main():
 
     model_dir = smollm2.ensure_cache()
     tok = tokenizer_for(model_dir)
-    calib = load_calibration(DATA / "janeausten", tok, args.samples, 512, seed=0)
+    calib = load_calibration(DATA / "janeausten", tok, args.samples, 512, seed=0, bos=True)
     sm = StreamingModel.open(str(model_dir))
     try:
         compress_loop(sm, [Probe(None, wspec)], calib, wspec, None)

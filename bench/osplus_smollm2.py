@@ -147,7 +147,8 @@ def main():
     model_dir = smollm2.ensure_cache()
     tok = tokenizer_for(model_dir)
     names = args.configs.split(",")
-    calib = load_calibration(DATA / "janeausten", tok, args.calib_samples, 512, seed=0)
+    calib = load_calibration(DATA / "janeausten", tok, args.calib_samples, 512, seed=0,
+                             bos=True)  # README rows: BOS-prefixed calibration
     windows = eval_windows(tokenize(read_text(DATA / "wikitext2_test.raw.txt"), tok), 512, args.windows)
     for name in names:
         res = run_config(name, args, model_dir, calib, windows)

@@ -86,7 +86,8 @@ def main():
                 out = Path(tmp) / f"{recipe}-{s}"
                 cmd = ptq + ["compress", str(model), "--recipe", recipe, "--bits", str(bits), "--group-size",
                              str(gs), "--format", args.format, "--calib", args.calib, "--nsamples",
-                             str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out)]
+                             str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out),
+                             "--bos"]  # README rows: BOS-prefixed calibration, no-BOS evaluation (`ptq eval`)
                 wall, cpu, rss, _ = run(cmd)
                 rep = json.loads((out / "report.json").read_text())
                 man = json.loads((out / "manifest.json").read_text())

@@ -1,8 +1,10 @@
 """Calibration sets: N samples x L tokens drawn with a seed from a text file, a JSONL file (a ``text`` field per
 line), a folder of ``.txt`` files, or the embedded default text (`default_calibration.txt`, see README).
 
-The text is tokenized once (no special tokens), then N windows of L tokens start at seeded random offsets;
-a BOS token is prepended when the tokenizer has one (windows then hold L-1 text tokens).
+The text is tokenized once (no special tokens), then N windows of L tokens start at seeded random offsets.
+BOS: `resolve_bos` decides once per run, for calibration and evaluation alike: by default the tokenizer's own
+setting (does ``tokenizer("a")`` start with its BOS token? Llama-3, Gemma: yes; SmolLM2, GPT-2: no), or
+``--bos/--no-bos``. With BOS, windows hold the BOS token and L-1 text tokens.
 """
 from __future__ import annotations
 
@@ -71,15 +73,44 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0,
     return rows
 
 
-def load_calibration(path, tokenizer, nsamples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+def load_calibration(path, tokenizer, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+                     bos: bool | None = None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` calibration ids; ``bos`` as in `resolve_bos` (None: the tokenizer's default)."""
     text = read_text(path)
     if not text.strip():
         raise CalibrationError(f"calibration text {path or DEFAULT_TEXT.name} is empty")
-    return sample_windows(tokenize(text, tokenizer), nsamples, seqlen, seed, bos_id_of(tokenizer))
+    return sample_windows(tokenize(text, tokenizer), nsamples, seqlen, seed, resolve_bos(tokenizer, bos))
 
 
 def bos_id_of(tokenizer) -> int | None:
     return getattr(tokenizer, "bos_token_id", None)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """The tokenizer's own setting: does plain ``tokenizer(text)`` start with its BOS token?"""
+    bos = bos_id_of(tokenizer)
+    if bos is None:
+        return False
+    ids = tokenizer("a", return_attention_mask=False)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_bos(tokenizer, bos: bool | None) -> int | None:
+    """BOS id to prepend to every window, or None. ``bos`` True/False forces it (``--bos/--no-bos``); None
+    follows the tokenizer (`tokenizer_adds_bos`)."""
+    if bos is None:
+        bos = tokenizer_adds_bos(tokenizer)
+    if not bos:
+        return None
+    if bos_id_of(tokenizer) is None:
+        raise CalibrationError("--bos: the tokenizer has no BOS token; drop --bos")
+    return bos_id_of(tokenizer)
+
+
+def bos_note(tokenizer, bos: bool | None) -> dict:
+    """What the report records: ``{"bos": used?, "source": "tokenizer" | "--bos" | "--no-bos"}``."""
+    return {"bos": resolve_bos(tokenizer, bos) is not None,
+            "source": "tokenizer" if bos is None else ("--bos" if bos else "--no-bos")}
 
 
 def calibration_hash(ids: torch.Tensor) -> str:

@@ -27,6 +27,8 @@ def gate(
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="fail if KL (nats/token) is above"),
     seqlen: int = typer.Option(512, help="tokens per evaluation window"),
     windows: int = typer.Option(40, help="number of evaluation windows"),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos",
+                                       help="BOS before each window (default: as the tokenizer does)"),
     topk: int = typer.Option(8, help="reference tokens stored per position by --save-baseline (for KL)"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
     allow_other_baseline: bool = typer.Option(False, "--allow-other-baseline",
@@ -60,7 +62,7 @@ def gate(
         with LayerProgress(console, label="eval layer") as prog:
             metrics, base = measure(compressed, text, seqlen, windows, baseline=baseline, stored=stored,
                                     topk=topk if save_baseline else 0, progress=prog.on_layer,
-                                    allow_other_baseline=allow_other_baseline)
+                                    allow_other_baseline=allow_other_baseline, bos=bos)
         checks = check(metrics, th) if any(v is not None for v in vars(th).values()) else []
     except (GateInputError, ModelInputError) as e:
         fail(str(e))
@@ -105,7 +107,7 @@ def _table(name: str, metrics: dict, checks, passed: bool) -> Table:
         t.add_column(col, justify=just)
     for c in checks:
         t.add_row(c.metric, f"{c.value:.4f}", f"{c.op} {c.limit:g}", "ok" if c.passed else "FAIL")
-    for k in ("ppl", "ppl_ref", "tokens", "kl_kind"):
+    for k in ("ppl", "ppl_ref", "tokens", "kl_kind", "bos", "bos_source"):
         if metrics.get(k) is not None:
             v = metrics[k]
             t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v), "", "")

@@ -63,6 +63,9 @@ def compress(
                                              "(8 or 4; compressed-tensors and onnx only, see docs/formats.md)"),
     eval_text: Optional[str] = typer.Option(None, "--eval-text", help="text file for perplexity/KL/top-1 after export"),
     eval_windows: int = typer.Option(40, help="evaluation windows"),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos",
+                                       help="BOS before each calibration and --eval-text window (default: as the "
+                                            "tokenizer does)"),
     set_: list[str] = typer.Option([], "--set", help="pass option override PASS.OPTION=VALUE (repeatable)"),
     force: bool = typer.Option(False, help="replace an existing output folder"),
     resume: bool = typer.Option(False, help="continue an interrupted run from <out>.ptq-partial (last finished layer)"),
@@ -80,7 +83,8 @@ def compress(
     opts = CompressOptions(model=model, out=str(out) if out is not None else None, recipe=recipe, bits=bits,
                            group_size=group_size, sym=sym, clip=clip, act_bits=act_bits,
                            format=None if onnx else fmt, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                           device=device, dtype=dtype, eval_text=eval_text, eval_windows=eval_windows, force=force, allow_pickle=allow_pickle,
+                           device=device, dtype=dtype, eval_text=eval_text, eval_windows=eval_windows, bos=bos,
+                           force=force, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, pass_options=overrides, resume=resume,
                            store_dtype=store_dtype, embed_bits=None if onnx else embed_bits)
     if onnx and embed_bits not in (None, 4, 8):
@@ -133,6 +137,7 @@ def compress(
         t.add_row("perplexity after", f"{ev['ppl']:.3f}")
         t.add_row("KL (nats/token)", f"{ev['kl']:.4f}")
         t.add_row("top-1 agreement", f"{ev['top1']:.3%}")
+        t.add_row("BOS", f"{'yes' if ev.get('bos') else 'no'} ({ev.get('bos_source')})")
     Console().print(t)
 
 
@@ -143,6 +148,8 @@ def eval_(
     baseline: Optional[str] = typer.Option(None, help="reference model for KL / top-1"),
     seqlen: int = typer.Option(512, help="window length"),
     windows: int = typer.Option(40, help="number of windows"),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos",
+                                       help="BOS before each window (default: as the tokenizer does)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Perplexity of MODEL on TEXT (and KL / top-1 agreement against --baseline)."""
@@ -151,7 +158,7 @@ def eval_(
 
     try:
         with LayerProgress(console, label="eval layer") as prog:
-            res = evaluate_pair(model, baseline, text, seqlen, windows, progress=prog.on_layer)
+            res = evaluate_pair(model, baseline, text, seqlen, windows, progress=prog.on_layer, bos=bos)
     except (ModelInputError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     if json_out:

@@ -54,6 +54,7 @@ class CompressOptions:
     dtype: str = "float32"
     eval_text: str | None = None
     eval_windows: int = 40
+    bos: bool | None = None  # BOS before each calibration / --eval-text window; None = the tokenizer's setting
     eval_seqlen: int = 512
     force: bool = False
     allow_pickle: bool = False
@@ -115,6 +116,8 @@ def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
             setattr(c, k, v)
     if opts.calib is not None:
         c.path = opts.calib
+    if opts.bos is not None:
+        c.bos = opts.bos
     if d.act_bits is not None and not 2 <= d.act_bits <= 16:
         raise UsageError(f"--act-bits must be in 2..16, got {d.act_bits}")
     if d.act_bits is not None and any(n == "act-quant" for n, _ in recipe.passes) and d.format != "compressed-tensors":
@@ -209,6 +212,15 @@ def request_inputs(opts: CompressOptions, sm: StreamingModel) -> dict:
     if Path(opts.recipe).is_file():
         ins["recipe file"] = opts.recipe
     return {k: Path(v) for k, v in ins.items() if v is not None}
+
+
+def check_family(recipe: Recipe, lmap) -> None:
+    """Refuse, before any work, a pass the model family cannot run (ptq.layermap: ``LayerMap.unsupported``)."""
+    for name, _ in recipe.passes:
+        why = lmap.refusal(name)
+        if why:
+            raise UsageError(f"pass {name!r} does not support {lmap.arch}: {why}. Supported combinations: "
+                             "docs/architectures.md")
 
 
 def build_passes(recipe: Recipe, spec: QuantSpec, defaults) -> list:
@@ -308,6 +320,7 @@ def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
     except (ModelInputError, ValueError) as e:
         raise UsageError(str(e)) from e
     out = check_output_location(opts.out, request_inputs(opts, sm), opts.force)
+    check_family(recipe, sm.lmap)
     from ptq import moe
 
     try:
@@ -327,19 +340,20 @@ def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
             tok = tokenizer_for(sm.folder, opts.trust_remote_code)
             c = recipe.calibration
             with clock("load"):
-                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed)
+                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos)
         except (CalibrationError, ModelInputError) as e:
             raise UsageError(str(e)) from e
         calib_check = check_calibration(calib_ids, sm.config, recipe)
     if opts.eval_text:  # checked now, not after an hour of compression
-        from calib.data import read_text, tokenize
+        from calib.data import read_text, resolve_bos, tokenize
         from ptq.eval.metrics import eval_windows
 
         if not Path(opts.eval_text).exists():
             raise UsageError(f"--eval-text file {opts.eval_text} does not exist")
         try:
-            eval_windows(tokenize(read_text(opts.eval_text), tokenizer_for(sm.folder, opts.trust_remote_code)),
-                         opts.eval_seqlen, 1)
+            tok = tokenizer_for(sm.folder, opts.trust_remote_code)
+            eval_windows(tokenize(read_text(opts.eval_text), tok), opts.eval_seqlen, 1,
+                         resolve_bos(tok, recipe.calibration.bos))
         except ModelInputError as e:
             raise UsageError(str(e)) from e
         except ValueError as e:  # CalibrationError is a ValueError
@@ -451,7 +465,8 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
         if opts.eval_text:
             with clock("eval"):
                 report["eval"] = evaluate_pair(str(tmp), opts.model, opts.eval_text, opts.eval_seqlen,
-                                               opts.eval_windows, opts.dtype)
+                                               opts.eval_windows, opts.dtype,
+                                               bos=recipe.calibration.bos)
         report["stages"] = clock.to_dict()
         report["cpu_seconds"] = round(cpu_seconds(), 2)
         report["peak_rss_bytes"] = peak_rss_bytes()
@@ -487,13 +502,15 @@ def _keep_or_remove(tmp: Path, ckpt: Checkpointer, created: Path | None, quiet: 
 
 def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: StreamingModel, calib_ids) -> dict:
     """Deterministic description of the run (manifest content and resume fingerprint)."""
-    from calib.data import calibration_hash
+    from calib.data import bos_note, calibration_hash
 
     c = recipe.calibration
     cal = None
     if calib_ids is not None:
+        bos = bos_note(tokenizer_for(sm.folder), c.bos)
         cal = {"source": Path(c.path).name if c.path else "embedded", "nsamples": c.nsamples,
-               "seqlen": c.seqlen, "seed": c.seed, "tokens_sha256": calibration_hash(calib_ids)}
+               "seqlen": c.seqlen, "seed": c.seed, "tokens_sha256": calibration_hash(calib_ids),
+               "bos": bos["bos"], "bos_source": bos["source"]}
     return {
         "recipe": {"name": recipe.name, "description": recipe.description,
                    "defaults": dataclasses.asdict(recipe.defaults),
@@ -506,10 +523,11 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
 
 
 def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
-                  dtype: str = "float32", progress=None) -> dict:
+                  dtype: str = "float32", progress=None, bos: bool | None = None) -> dict:
     """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer;
-    ``progress(i, n)`` after each layer of each model."""
-    from calib.data import read_text, tokenize
+    ``progress(i, n)`` after each layer of each model. ``bos``: BOS before each window (None: the tokenizer's
+    own setting); the result says which (``bos``, ``bos_source``)."""
+    from calib.data import bos_note, read_text, resolve_bos, tokenize
     from ptq.eval.metrics import eval_windows, stream_metrics
 
     from ptq.validate import check_gate_inputs
@@ -526,7 +544,11 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     install_streaming(sm)  # activation quantizers recorded in config.json (OS+ / SmoothQuant / W8A8 recipes)
     ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
     raw = read_text(text)
-    windows = eval_windows(tokenize(raw, tokenizer_for(sm.folder)), seqlen, max_windows)
-    ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows) if ref else None
+    tok = tokenizer_for(sm.folder)
+    bos_id = resolve_bos(tok, bos)
+    windows = eval_windows(tokenize(raw, tok), seqlen, max_windows, bos_id)
+    ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows, bos_id) if ref else None
     check_gate_inputs(sm, ref, None, windows, ref_w, allow_other=True)  # same architecture and tokenizer
-    return stream_metrics(sm, windows, ref, progress=progress).to_dict()
+    note = bos_note(tok, bos)
+    return {**stream_metrics(sm, windows, ref, progress=progress).to_dict(), "bos": note["bos"],
+            "bos_source": note["source"]}

@@ -90,40 +90,45 @@ def _unb64(s: str, dtype, shape) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=dtype).reshape(shape).copy())
 
 
-def text_windows(model_folder: Path, text: str, seqlen: int, windows: int) -> tuple[torch.Tensor, str]:
-    """``[n, seqlen]`` evaluation windows (as `evaluate_pair`) and the sha256 of the text file."""
-    from calib.data import read_text, tokenize
+def text_windows(model_folder: Path, text: str, seqlen: int, windows: int,
+                 bos: bool | None = None) -> tuple[torch.Tensor, str, dict]:
+    """``[n, seqlen]`` evaluation windows (as `evaluate_pair`, BOS as `calib.data.resolve_bos`), the sha256
+    of the text file and the BOS note (`calib.data.bos_note`)."""
+    from calib.data import bos_note, read_text, resolve_bos, tokenize
     from ptq.eval.metrics import eval_windows
     from ptq.model_io import tokenizer_for
 
     if not Path(text).is_file():
         raise GateInputError(f"text file {text} does not exist")
     raw = read_text(text)
-    ids = tokenize(raw, tokenizer_for(model_folder))
+    tok = tokenizer_for(model_folder)
+    ids = tokenize(raw, tok)
     try:
-        w = eval_windows(ids, seqlen, windows)
+        w = eval_windows(ids, seqlen, windows, resolve_bos(tok, bos))
     except ValueError as e:
         raise GateInputError(str(e)) from e
-    return w, hashlib.sha256(raw.encode()).hexdigest()
+    return w, hashlib.sha256(raw.encode()).hexdigest(), bos_note(tok, bos)
 
 
 @torch.no_grad()
 def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baseline: str | None = None,
             stored: dict | None = None, topk: int = 0, dtype=torch.float32,
-            allow_other_baseline: bool = False, progress=None) -> tuple[dict, dict | None]:
+            allow_other_baseline: bool = False, progress=None,
+            bos: bool | None = None) -> tuple[dict, dict | None]:
     """Metrics of ``model`` against a baseline model or a stored baseline; with ``topk > 0`` (baseline
     model only) also returns a baseline file dict for `save_baseline`. Before any forward pass the baseline
-    is checked to be the artifact's source model and to tokenize the text identically (`check_gate_inputs`)."""
+    is checked to be the artifact's source model and to tokenize the text identically (`check_gate_inputs`).
+    ``bos`` as in `calib.data.resolve_bos` (None: the tokenizer's setting); the metrics record it."""
     from ptq.eval.metrics import _Accumulator, _stream_final, logit_chunks
     from ptq.model_io import StreamingModel
     from ptq.validate import UsageError, baseline_identity, check_gate_inputs
 
     sm = StreamingModel.open(model, dtype=dtype)
     ref = StreamingModel.open(baseline, dtype=dtype) if baseline else None
-    w, text_sha = text_windows(sm.folder, text, seqlen, windows)
-    ref_w = text_windows(ref.folder, text, seqlen, windows)[0] if ref is not None else None
+    w, text_sha, note = text_windows(sm.folder, text, seqlen, windows, bos)
+    ref_w = text_windows(ref.folder, text, seqlen, windows, note["bos"])[0] if ref is not None else None
     if stored is not None:
-        _check_stored(stored, text_sha, w)
+        _check_stored(stored, text_sha, w, note["bos"])
     try:
         check_gate_inputs(sm, ref, stored, w, ref_w, allow_other_baseline)
     except UsageError as e:
@@ -148,6 +153,7 @@ def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baselin
             kl_k += float(coarse_kl(s_lp, lp.gather(1, s_ids.long())).sum())
     m = acc.result().to_dict()
     m["kl_kind"] = "exact" if ref is not None else None
+    m["bos"], m["bos_source"] = note["bos"], note["source"]
     if stored is not None:
         m.update(ppl_ref=stored["ppl_ref"], top1=agree / pos, kl=kl_k / pos,
                  kl_kind=f"top{stored['topk']['k']}-lower-bound")
@@ -156,6 +162,7 @@ def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baselin
     if ref is not None and topk:
         ids_t, lp_t = torch.cat(top_ids), torch.cat(top_lp)
         base = {"schema": SCHEMA, "text_sha256": text_sha, "seqlen": seqlen, "windows": int(w.shape[0]),
+                "bos": note["bos"],
                 **baseline_identity(ref, w),
                 "tokens": m["tokens"], "reference": Path(baseline).name, "ppl_ref": m["ppl_ref"],
                 "measured_with": {k: m[k] for k in ("ppl", "kl", "top1")},
@@ -176,9 +183,13 @@ def coarse_kl(q_lp: torch.Tensor, p_lp: torch.Tensor) -> torch.Tensor:
     return (head + tail).clamp(min=0)
 
 
-def _check_stored(stored: dict, text_sha: str, w: torch.Tensor) -> None:
+def _check_stored(stored: dict, text_sha: str, w: torch.Tensor, bos: bool) -> None:
     if stored.get("text_sha256") != text_sha:
         raise GateInputError("the baseline file was measured on a different --text file (sha256 differs)")
+    if bool(stored.get("bos", False)) != bos:  # files written before the BOS setting was recorded: no BOS
+        was = "with" if stored.get("bos") else "without"
+        raise GateInputError(f"the baseline file was measured {was} BOS, this run {'with' if bos else 'without'}; "
+                             f"pass {'--bos' if stored.get('bos') else '--no-bos'}")
     if stored.get("seqlen") != w.shape[1] or stored.get("windows") != w.shape[0]:
         raise GateInputError(f"the baseline file used {stored.get('windows')} windows of {stored.get('seqlen')} "
                              f"tokens, this run {w.shape[0]} of {w.shape[1]}; pass the same --windows/--seqlen")

@@ -254,10 +254,11 @@ def load_config(folder: Path, trust_remote_code: bool = False):
 
 
 def build_skeleton(config) -> nn.Module:
-    """CausalLM with every parameter on the meta device (no memory); eval mode, sdpa attention."""
+    """CausalLM with every parameter on the meta device (no memory); eval mode. Attention: the config's, else
+    transformers' default for the family (sdpa; eager where sdpa cannot express it, e.g. Gemma 2's
+    attention-logit soft-capping)."""
     from transformers import AutoModelForCausalLM
 
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     from ptq import moe
@@ -287,20 +288,29 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, dtype: tor
         key = prefix + name
         if key in source:
             b.data = source.get(key).to(device=device)
-    _reinit_rotary(module, device)
+    _rebuild_buffers(module, device)
     return module
 
 
-def _reinit_rotary(module: nn.Module, device: str) -> None:
-    """Rotary modules keep ``inv_freq`` as a non-persistent buffer: rebuild it with the module's own __init__."""
+def _rebuild_buffers(module: nn.Module, device: str) -> None:
+    """Recompute non-persistent buffers (not in checkpoints, garbage after ``to_empty``):
+
+    * rotary modules (``inv_freq``, or Gemma 3's per-layer-type ``{type}_inv_freq``): re-run the module's own
+      ``__init__(config)`` (parameter-free, cheap) and copy its buffers and plain attributes;
+    * scaled embeddings (Gemma 2/3 ``embed_scale = sqrt(hidden)``): from the module's ``scalar_embed_scale``.
+    """
     for m in module.modules():
-        if hasattr(m, "inv_freq") and hasattr(m, "config"):
+        names = [n for n, _ in m.named_buffers(recurse=False)]
+        if any(n.endswith("inv_freq") for n in names) and hasattr(m, "config"):
             with torch.device(device):
                 fresh = type(m)(m.config)
             for name, buf in fresh.named_buffers(recurse=False):
                 setattr(m, name, buf)
-            if hasattr(fresh, "attention_scaling"):
-                m.attention_scaling = fresh.attention_scaling
+            for k, v in vars(fresh).items():
+                if not k.startswith("_") and isinstance(v, (int, float)):
+                    setattr(m, k, v)
+        elif "embed_scale" in names and hasattr(m, "scalar_embed_scale"):
+            m.embed_scale = torch.tensor(m.scalar_embed_scale, device=device)
 
 
 def release(module: nn.Module) -> None:
@@ -372,6 +382,16 @@ class StreamingModel:
             materialize(lm_head, self.lmap.lm_head + ".", self.source, self.dtype, self.device, self.tied)
             self._head_loaded = True
         return norm, lm_head
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Streamed head: final norm, lm_head and the family's final soft-capping (Gemma 2:
+        ``z <- c * tanh(z / c)``) on the last layer's output ``hidden [b, L, H]`` -> ``[b, L, V]``."""
+        norm, lm_head = self.head()
+        z = lm_head(norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z
 
     def nonlayer_keys(self) -> list[str]:
         lp = self.lmap.layers + "."

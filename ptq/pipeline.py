@@ -2,8 +2,15 @@
 passes on it, re-run the (now compressed) layer so the next layer calibrates on compressed outputs, hand it to
 the exporter and free it. Peak memory is one layer + activations + embeddings, never the whole model.
 
-Shapes: a `Batch` holds ``hidden [b, L, H]`` plus the keyword arguments the decoder layer was called with
+Shapes: a `Batch` holds ``hidden [b, L, H]`` plus the keyword arguments the decoder layer is called with
 (attention mask, position ids, rotary ``position_embeddings`` = (cos, sin) ``[b, L, d]``, cache positions).
+
+Per-layer attention inputs: models with mixed attention types (sliding-window vs full layers, Gemma 3's
+local/global rope base) call each decoder layer with the mask / rotary tables of its own type. `capture_inputs`
+therefore records the keyword arguments the model's own forward hands to *every* layer (all layers are
+replaced by recorders; nothing but the pre-layer modules runs) and keeps each distinct set once
+(`AttnInputs`: ``variants`` + ``of_layer[i]``). `for_layer(batches, i)` binds layer ``i``'s set before the
+layer runs; every loop (calibration, streamed eval/gate, resume) goes through it.
 """
 from __future__ import annotations
 
@@ -19,6 +26,19 @@ from ptq.layermap import LayerMap, get_module
 from ptq.model_io import StreamingModel, release
 from ptq.quant.primitives import QuantSpec
 from ptq.quant.qweight import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class AttnInputs:
+    """The distinct keyword-argument sets the model passes to its decoder layers for one batch:
+    layer ``i`` is called with ``variants[of_layer[i]]`` (e.g. one set for full-attention layers, one for
+    sliding-window layers)."""
+
+    variants: tuple[dict, ...]
+    of_layer: tuple[int, ...]
+
+    def for_layer(self, i: int) -> dict:
+        return self.variants[self.of_layer[i]]
 
 
 class StageClock:
@@ -45,42 +65,91 @@ class StageClock:
 @dataclass
 class Batch:
     hidden: torch.Tensor
-    kwargs: dict
+    kwargs: dict  # keyword arguments of the layer this batch enters next (see `for_layer`)
+    attn: AttnInputs | None = None  # every layer's keyword arguments
+
+
+def for_layer(batches: list[Batch], i: int) -> list[Batch]:
+    """``batches`` with the keyword arguments (mask, rotary tables) of decoder layer ``i`` bound."""
+    return [Batch(b.hidden, b.attn.for_layer(i), b.attn) if b.attn is not None else b for b in batches]
 
 
 class _Caught(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    def __init__(self, store: list):
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during capture: records its keyword arguments and passes the
+    hidden states through unchanged; the last layer's recorder stops the forward (the head is not loaded)."""
+
+    def __init__(self, index: int, last: bool, calls: dict):
         super().__init__()
-        self.store = store
+        self.index, self.last, self.calls = index, last, calls
 
     def forward(self, hidden_states, *args, **kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
         kwargs["use_cache"] = False
-        self.store.append(Batch(hidden_states.detach(), kwargs))
-        raise _Caught
+        self.calls[self.index] = (hidden_states.detach(), kwargs)
+        if self.last:
+            raise _Caught
+        return hidden_states
+
+
+def _same(a, b) -> bool:
+    """Same keyword-argument set: identical keys and the very same objects (tensors, tuples of tensors)."""
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if x is y:
+            continue
+        if isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y) and all(p is q for p, q in zip(x, y)):
+            continue
+        if not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and type(x) is type(y) and x == y:
+            continue
+        return False
+    return True
+
+
+def _dedupe(kwargs_per_layer: list[dict]) -> AttnInputs:
+    variants: list[dict] = []
+    of_layer = []
+    for kw in kwargs_per_layer:
+        j = next((j for j, v in enumerate(variants) if _same(v, kw)), None)
+        if j is None:
+            j = len(variants)
+            variants.append(kw)
+        of_layer.append(j)
+    return AttnInputs(tuple(variants), tuple(of_layer))
 
 
 @torch.no_grad()
 def capture_inputs(sm: StreamingModel, input_ids: torch.Tensor, batch_size: int = 1) -> list[Batch]:
-    """Run the pre-layer modules on ``input_ids [n, L]`` and return the first decoder layer's inputs."""
+    """Run the pre-layer modules on ``input_ids [n, L]``; return layer 0's inputs, with every layer's keyword
+    arguments (`AttnInputs`) attached and layer 0's bound."""
     layers = sm.layers
-    first = layers[0]
-    store: list[Batch] = []
-    layers[0] = _Catcher(store)
+    n = len(layers)
+    originals = list(layers)
+    calls: dict[int, tuple] = {}
+    for i in range(n):
+        layers[i] = _Recorder(i, i == n - 1, calls)
     base = get_module(sm.model, sm.lmap.layers.rsplit(".", 1)[0])  # e.g. model.model / model.model.decoder
+    store: list[Batch] = []
     try:
         for s in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[s:s + batch_size].to(sm.device)
+            calls.clear()
             try:
                 base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             except _Caught:
                 pass
+            if len(calls) != n:
+                raise RuntimeError(f"{sm.lmap.arch}: the model called {len(calls)} of its {n} decoder layers")
+            attn = _dedupe([calls[i][1] for i in range(n)])
+            store.append(Batch(calls[0][0], attn.for_layer(0), attn))
     finally:
-        layers[0] = first
+        for i, m in enumerate(originals):
+            layers[i] = m
     return store
 
 
@@ -91,7 +160,9 @@ def layer_forward(layer: nn.Module, b: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
-    return [Batch(layer_forward(layer, b), b.kwargs) for b in batches]
+    """Outputs of ``layer`` (with the kwargs bound for it) as the next layer's `Batch` list (kwargs still
+    those of ``layer``; bind the next layer's with `for_layer`)."""
+    return [Batch(layer_forward(layer, b), b.kwargs, b.attn) for b in batches]
 
 
 @dataclass
@@ -212,6 +283,7 @@ def compress_loop(sm: StreamingModel, passes: list[Pass], calib_ids: torch.Tenso
     n = len(sm.layers)
     stats = layer_stats if layer_stats is not None else []
     for i in range(start_layer, n):
+        batches = for_layer(batches, i)
         with clock("layer load"):
             layer = sm.load_layer(i)
         ctx = LayerContext(i, layer, sm.layer_prefix(i), sm.lmap, sm.config, batches, spec)

@@ -44,6 +44,7 @@ class Calibration:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+    bos: bool | None = None  # prepend BOS to each window; None = the tokenizer's own setting (calib.data)
 
 
 @dataclass

@@ -9,8 +9,9 @@ decoder layer ``i`` is written (its shard ``layer-0000i.safetensors`` is already
   inputs, the writer's weight map, per-layer stats and JSON state of passes/writer.
 
 A kill at any moment leaves either the previous or the new consistent state. The attention mask / rotary
-keyword arguments of a `Batch` are identical for every layer; on resume they are recomputed by re-running
-the embeddings (`capture_inputs`) and only ``hidden`` is taken from the state file. Passes with state that
+keyword arguments of a `Batch` depend only on the token positions (one set per attention type, see
+ptq.pipeline.AttnInputs); on resume they are recomputed by re-running the embeddings (`capture_inputs`), the
+loop binds those of the resumed layer, and only ``hidden`` is taken from the state file. Passes with state that
 spans layers may implement ``resume_state() -> dict`` and ``load_resume_state(dict)`` (tensors and
 JSON-able values); writers with extra state likewise. The fingerprint (content hash of the model files, recipe,
 options, calibration token hash) makes a resume with different inputs fail instead of mixing two runs.
@@ -233,7 +234,7 @@ class Checkpointer:
         n = sum(1 for k in tensors if k.startswith("batch."))
         if n != len(batches):
             raise ValueError(f"resume state has {n} batches, this run has {len(batches)}; pass --force to start over")
-        return [Batch(tensors[f"batch.{j}"], b.kwargs) for j, b in enumerate(batches)]
+        return [Batch(tensors[f"batch.{j}"], b.kwargs, b.attn) for j, b in enumerate(batches)]
 
     def clear(self) -> None:
         for f in list(self.folder.iterdir()):

@@ -24,9 +24,11 @@ def test_default_text_embedded(tok):
     # varied content: prose, dialogue, code, numbers, lists
     for marker in ('"', "def ", "import ", "1.", "- ", "{", "Q:"):
         assert marker in text, marker
-    ids = load_calibration(None, tok, nsamples=8, seqlen=512, seed=0)
+    ids = load_calibration(None, tok, nsamples=8, seqlen=512, seed=0, bos=True)
     assert ids.shape == (8, 512) and torch.all(ids[:, 0] == tok.bos_token_id)
     assert (ids[:, 1:] != tok.bos_token_id).all()
+    plain = load_calibration(None, tok, nsamples=8, seqlen=512, seed=0)  # the tokenizer adds no BOS: none here
+    assert plain.shape == (8, 512) and (plain != tok.bos_token_id).all()
 
 
 def test_text_jsonl_folder_sources(tmp_path, tok):

@@ -82,3 +82,21 @@ def test_bad_options_are_refused():
         LearnedRoundingPass.Options(init="adaround")
     with pytest.raises(ValueError, match="iters"):
         LearnedRoundingPass.Options(iters=-1)
+
+
+def test_after_osplus(tiny_models):
+    """OS+ folds its scales into the layer; learned rounding then works on the layer's current weights."""
+    from ptq.passes.osplus import OSPlusPass
+    from ptq.pipeline import compress_loop
+    from ptq.recipes import Defaults
+
+    spec = QuantSpec(3, 32, False)
+    osp = OSPlusPass(OSPlusPass.Options(grid=8, max_steps=8, search_samples=1), spec)
+    lr = LearnedRoundingPass(LearnedRoundingPass.Options(iters=4), spec)
+    for p in (osp, lr):
+        p.defaults = Defaults(bits=3, group_size=32, act_bits=8)
+    sm = StreamingModel.open(str(tiny_models["llama"]))
+    ids = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    loop = compress_loop(sm, [osp, lr], ids, spec, batch_size=2)
+    assert all("lr_loss_init" in s and min(s["lr_loss_init"], s["lr_loss_final"]) > 0 for s in loop.layer_stats)
+    assert all(s["lr_loss_final"] < s["lr_loss_init"] or not s["lr_kept"] for s in loop.layer_stats)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ptq.model_io import StreamingModel, release
-from ptq.pipeline import Batch, capture_inputs, run_layer
+from ptq.pipeline import Batch, capture_inputs, for_layer, run_layer
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _stream_final(sm: StreamingModel, windows: torch.Tensor, batch_size: int, pr
     n = len(sm.layers)
     for i in range(n):
         layer = sm.load_layer(i)
-        batches = run_layer(layer, batches)
+        batches = run_layer(layer, for_layer(batches, i))
         release(layer)
         if progress:
             progress(i, n)
@@ -120,9 +120,6 @@ def logit_chunks(sm: StreamingModel, final: list[Batch], windows: torch.Tensor, 
     (position t predicts token t+1), one window and at most ``chunk`` positions at a time, from the final
     hidden states ``final`` (outputs of the last decoder layer, batches of ``batch_size`` windows). Only one
     chunk of logits per model is ever alive: memory does not grow with the window length or count."""
-    norm, head = sm.head()
-    if ref is not None:
-        rnorm, rhead = ref.head()
     s = 1 if skip_first else 0
     for j, b in enumerate(final):
         for r in range(b.hidden.shape[0]):
@@ -131,8 +128,8 @@ def logit_chunks(sm: StreamingModel, final: list[Batch], windows: torch.Tensor, 
             hr = final_ref[j].hidden[r] if final_ref is not None else None
             for c0 in range(s, ids.numel() - 1, chunk):
                 c1 = min(c0 + chunk, ids.numel() - 1)
-                logits = head(norm(h[c0:c1]))
-                ref_logits = rhead(rnorm(hr[c0:c1])) if hr is not None else None
+                logits = sm.logits(h[c0:c1])  # final norm, lm_head, family soft-capping
+                ref_logits = ref.logits(hr[c0:c1]) if hr is not None else None
                 yield ids[c0 + 1:c1 + 1], logits, ref_logits
 
 

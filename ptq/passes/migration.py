@@ -9,8 +9,9 @@ For an activation ``X [T, C]`` feeding linears ``W_k [O_k, C]`` (biases ``b_k``)
 * shift: ``b_k <- b_k + W_k z`` (a bias is created when the linear has none); the producer of X absorbs ``-z``:
   a LayerNorm's bias (``beta -= z``), or, for a bias-free RMSNorm, an explicit *input shift* applied to the
   linear input (see ptq.passes.act_quant.ActQuantizer).
-* scale: the producer's output is divided by ``s`` (norm ``gamma /= s, beta /= s``; a producing linear's
-  output rows ``W_prev[j, :] /= s_j``) and ``W_k <- W_k diag(s)`` (input columns).
+* scale: the producer's output is divided by ``s`` (norm ``gamma /= s, beta /= s``, with Gemma's ``(1 + w)``
+  norm on the effective scale: ``w <- (1 + w) / s - 1``; a producing linear's output rows ``W_prev[j, :] /= s_j``)
+  and ``W_k <- W_k diag(s)`` (input columns).
 
 Shapes: ``z, s [C]``; captured inputs ``x [b, L, C]``.
 """
@@ -55,14 +56,18 @@ def fold_shift(prev: nn.Module, lins: list[nn.Linear], z: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def fold_scale(prev: nn.Module, lins: list[nn.Linear], s: torch.Tensor) -> None:
+def fold_scale(prev: nn.Module, lins: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
     """Fold ``X'' = X' / s``: producer output divided by ``s`` (norm weight/bias, or a linear's output rows),
-    ``W_k <- W_k diag(s)``."""
+    ``W_k <- W_k diag(s)``.
+
+    A norm computing ``x_hat * (norm_offset + w)`` (Gemma: offset 1) is scaled through its effective scale:
+    ``w' = (norm_offset + w) / s - norm_offset``, so ``norm_offset + w' = (norm_offset + w) / s``."""
     s = s.double()
     if isinstance(prev, nn.Linear):
         prev.weight.data = (prev.weight.double() / s[:, None]).to(prev.weight.dtype)
     else:
-        prev.weight.data = (prev.weight.double() / s).to(prev.weight.dtype)
+        w = prev.weight.double() + norm_offset
+        prev.weight.data = (w / s - norm_offset).to(prev.weight.dtype)
     if has_bias(prev):
         prev.bias.data = (prev.bias.double() / s).to(prev.bias.dtype)
     for lin in lins:
@@ -76,9 +81,9 @@ def fold_scale(prev: nn.Module, lins: list[nn.Linear], s: torch.Tensor) -> None:
 class SubModule:
     """One group's "sub-module function" f(X) and its captured calls.
 
-    kinds: ``attn`` = attention output before o_proj (RoPE, GQA, causal mask, q/k/v biases: the real HF module
-    with o_proj replaced by identity); ``gated`` = ``act(gate(X)) * up(X)``; ``linear`` = the single linear's
-    output (OPT fc1, down_proj). ``calls[i] = (args, kwargs)`` of the captured module, ``xs[i] [b, L, C]``.
+    kinds: ``attn`` = attention output before o_proj (RoPE, GQA, causal mask, q/k/v biases, q/k norms: the real
+    HF module with o_proj replaced by identity); ``gated`` = ``act(gate(X)) * up(X)``; ``linear`` = the single
+    linear's output (OPT fc1, Phi-3's fused gate_up_proj, down_proj). ``calls[i] = (args, kwargs)`` of the captured module, ``xs[i] [b, L, C]``.
     """
 
     def __init__(self, ctx: LayerContext, group, batches: list[Batch]):

@@ -253,7 +253,7 @@ class OSPlusPass(ActStateMixin, Pass):
             s, t, info = search_scale(probe, torch.maximum(hi.abs(), lo.abs()), lb, o.grid, o.max_steps,
                                       o.coarse, o.patience)
             del probe, sub.xs
-            fold_scale(prev, sub.lins, s)
+            fold_scale(prev, sub.lins, s, ctx.lmap.norm_offset if g.prev_is_norm else 0.0)
             if z is not None:  # RMSNorm: the linears' inputs are (X - z) / s = X / s - z / s
                 shift = (z / s).float()
                 for n, lin in zip(g.linears, sub.lins):

@@ -54,6 +54,6 @@ class SmoothQuantPass(Pass):
             ctx.collect_inputs(g.linears[:1], fn)
             lins = [ctx.module(n) for n in g.linears]
             s = smooth_scales(xmax, [lin.weight.data for lin in lins], self.opts.alpha)
-            fold_scale(ctx.module(g.prev), lins, s)
+            fold_scale(ctx.module(g.prev), lins, s, ctx.lmap.norm_offset if g.prev_is_norm else 0.0)
             ctx.stats[f"{g.name}.sq_smax"] = float(s.max())
             ctx.stats[f"{g.name}.sq_smin"] = float(s.min())
