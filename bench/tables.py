@@ -234,6 +234,22 @@ def cskv_equal_bytes():
             "KV reduction", "ppl", "vs dense"], body
 
 
+@renderer("cskv_generate")
+def cskv_generate():
+    """bench/cskv_generate.py (docs/cskv.md): model.generate with a long prompt: cache bytes held (measured vs
+    formula) and decode tokens/s (CPU time) relative to dense."""
+    body = []
+    for r in latest(rows("cskv_generate"), "config", "prompt_tokens").values():
+        tps = r["tokens_per_s_cpu"]
+        for n in ("cskv", "cskv keep_keys"):
+            body.append([f"{r['config']} ({n})", str(r["cached_tokens"]), str(r["bytes_measured"][n]),
+                         str(r["bytes_formula"][n]), f"{r['bytes_ratio_measured_to_formula'][n]:.4f}",
+                         f"{100 * r['reduction_vs_dense_fp16'][n]:.1f} %", f"{tps['dense']:.2f}", f"{tps[n]:.2f}",
+                         f"{r['ratio_to_dense_cpu'][n]:.2f}x"])
+    return ["config (K:V density:bits)", "cached tokens", "bytes measured", "bytes formula", "measured / formula",
+            "reduction vs fp16", "dense tok/s", "CSKV tok/s", "vs dense"], body
+
+
 # --- checking and writing ----------------------------------------------------------------------------------------
 
 def render(name: str) -> list[str]:
