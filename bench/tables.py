@@ -125,8 +125,9 @@ OSPLUS_METHODS = [("naive", "naive (RTN W, per-token A)"), ("sq", "SmoothQuant")
 
 @renderer("osplus_summary")
 def osplus_summary():
-    """bench/osplus_smollm2.py: W8A8 / W6A6 / W4A4 perplexity per method (40 windows)."""
-    by = latest(rows("osplus_smollm2"), "config")
+    """bench/osplus_smollm2.py, earlier configuration (rows without ``down_proj_input``: OS+ search on 1 sample,
+    16 grid steps, down_proj input quantized without migration): W8A8 / W6A6 / W4A4 perplexity (40 windows)."""
+    by = latest([r for r in rows("osplus_smollm2") if "down_proj_input" not in r], "config")
     bits = ["w8a8", "w6a6", "w4a4"]
     body = []
     for key, label in OSPLUS_METHODS:
@@ -134,6 +135,33 @@ def osplus_summary():
         if any(cells):
             body.append([label] + [f2(c and c["ppl"]) for c in cells])
     return ["method"] + [b.upper() for b in bits], body
+
+
+@renderer("osplus_w4a4")
+def osplus_w4a4():
+    """bench/osplus_smollm2.py (rows with ``down_proj_input``): W4A4 perplexity (40 windows) of naive /
+    SmoothQuant / OS+ with down_proj's input quantized (migrated by SmoothQuant and OS+) or in full precision,
+    same calibration for every method; plus OS+ W6A6."""
+    by = latest([r for r in rows("osplus_smollm2") if "down_proj_input" in r], "config")
+    body = []
+    for suffix, label in (("", "down_proj input quantized (migrated by SQ / OS+)"),
+                          ("-dpfp", "down_proj input in full precision")):
+        cells = [by.get((f"{m}-w4a4{suffix}",)) for m in ("naive", "sq", "os")]
+        body.append([label] + [f2(c and c["ppl"]) for c in cells])
+    w6 = by.get(("os-w6a6",))
+    if w6:
+        body.append(["OS+ W6A6 (down_proj migrated)", "", "", f2(w6["ppl"])])
+    return ["W4A4", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
+
+
+@renderer("osplus_speed")
+def osplus_speed():
+    """bench/osplus_speed.py: compress seconds of os+ vs gptq on a 2-layer random Llama with 7B widths."""
+    if not (RESULTS / "osplus_speed.jsonl").exists():
+        return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], []
+    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_s']:.0f}", f"{r['osplus_s']:.0f}",
+             f"{r['ratio_osplus_to_gptq']:.2f}"] for r in rows("osplus_speed")]
+    return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], body
 
 
 CSKV_SUMMARY = ["dense fp16 KV", "k0.375/v1.0 4-bit asvd", "k0.25/v1.0 4-bit asvd", "k0.5/v0.5 4-bit asvd+fit"]
@@ -204,6 +232,22 @@ def cskv_equal_bytes():
                      f"{100 * r['reduction']:.1f} %", f2(r["ppl"]), pct(r["ppl"] / dense - 1)])
     return ["cache", "K / V density", "K / V bits", "init", "B/token (formula)", "B/token (measured, T=512)",
             "KV reduction", "ppl", "vs dense"], body
+
+
+@renderer("cskv_generate")
+def cskv_generate():
+    """bench/cskv_generate.py (docs/cskv.md): model.generate with a long prompt: cache bytes held (measured vs
+    formula) and decode tokens/s (CPU time) relative to dense."""
+    body = []
+    for r in latest(rows("cskv_generate"), "config", "prompt_tokens").values():
+        tps = r["tokens_per_s_cpu"]
+        for n in ("cskv", "cskv keep_keys"):
+            body.append([f"{r['config']} ({n})", str(r["cached_tokens"]), str(r["bytes_measured"][n]),
+                         str(r["bytes_formula"][n]), f"{r['bytes_ratio_measured_to_formula'][n]:.4f}",
+                         f"{100 * r['reduction_vs_dense_fp16'][n]:.1f} %", f"{tps['dense']:.2f}", f"{tps[n]:.2f}",
+                         f"{r['ratio_to_dense_cpu'][n]:.2f}x"])
+    return ["config (K:V density:bits)", "cached tokens", "bytes measured", "bytes formula", "measured / formula",
+            "reduction vs fp16", "dense tok/s", "CSKV tok/s", "vs dense"], body
 
 
 # --- checking and writing ----------------------------------------------------------------------------------------

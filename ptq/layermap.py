@@ -134,7 +134,8 @@ def layer_map_for(config) -> LayerMap:
     if mt in moe.ARCHS:
         return moe.layer_map(config, LAYER_MAPS.get(moe.BASE_FAMILY[mt]) or LAYER_MAPS["llama"])
     if mt not in LAYER_MAPS:
-        raise ValueError(f"unsupported architecture {mt!r}: ptq supports {', '.join(sorted(LAYER_MAPS))}; "
+        known = ", ".join(sorted([*LAYER_MAPS, *moe.ARCHS]))
+        raise ValueError(f"unsupported architecture {mt!r}: ptq supports {known}; "
                          "docs/architectures.md says how to add a layer map for another family")
     if mt == "opt" and not getattr(config, "do_layer_norm_before", True):
         raise ValueError("unsupported architecture: post-LayerNorm OPT (opt-350m style) is not supported")

@@ -34,6 +34,11 @@ from torch import nn
 # Imports nothing from ptq: the layer map (ptq.layermap) and the loader (ptq.model_io) call into this module.
 
 MOE_PASSES = ("rtn", "gptq")  # passes tested on MoE layers; the rest refuse them (docs/architectures.md)
+_FOLD = "one norm feeds the router and every expert; folding a channel scale would need it in all of them"
+_UNTESTED = "not validated on mixture-of-experts layers"
+REFUSALS = (("os+", _FOLD), ("smoothquant", _FOLD), ("act-quant", _UNTESTED), ("nupes", _UNTESTED),
+            ("nupes-df", _UNTESTED), ("udfc", "channel pruning models one MLP per layer, not experts"),
+            ("cskv", _UNTESTED), ("double-sparsity", _UNTESTED))  # LayerMap.unsupported, where the map has it
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,8 @@ def layer_map(config, base):
                    Group("shared_out", (f"{p}.down_proj",), f"{p}.up_proj", False, stage="moe_out", expert=-1)]
     if arch.model_type != "mixtral":
         groups += [x for x in base.groups if x.name.startswith("mlp")]
-    return dataclasses.replace(base, arch=arch.model_type, groups=tuple(groups), mlp_kind="moe")
+    kw = {"unsupported": REFUSALS} if "unsupported" in {f.name for f in dataclasses.fields(base)} else {}
+    return dataclasses.replace(base, arch=arch.model_type, groups=tuple(groups), mlp_kind="moe", **kw)
 
 
 def expert_of(lmap, linear: str) -> int | None:

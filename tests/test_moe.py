@@ -289,7 +289,7 @@ def test_gptq_export_loads_in_gptqmodel(tmp_path, ids, arch):
 
 
 def test_unsupported_pass_refused(moe_models, tmp_path):
-    with pytest.raises(UsageError, match="mixture-of-experts"):
+    with pytest.raises(UsageError, match="does not support mixtral: one norm feeds the router"):
         compress(CompressOptions(model=str(moe_models["mixtral"]), out=str(tmp_path / "o"), recipe="os+"))
     assert not (tmp_path / "o").exists()
 
@@ -300,3 +300,12 @@ def test_onnx_export_refused(moe_models, tmp_path):
     with pytest.raises(ValueError, match="mixture-of-experts"):
         export_onnx_dir(moe_models["qwen3_moe"], tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_refusal_lists_moe_families():
+    from types import SimpleNamespace
+
+    from ptq.layermap import layer_map_for
+
+    with pytest.raises(ValueError, match="mixtral.*qwen2_moe.*qwen3_moe"):
+        layer_map_for(SimpleNamespace(model_type="jamba"))
