@@ -86,6 +86,15 @@ def gptq_smollm2():
     return header, body
 
 
+@renderer("eval_vs_transformers")
+def eval_vs_transformers():
+    """bench/eval_vs_transformers.py: `ptq eval`'s streamed perplexity vs transformers' own forward (fp32)."""
+    by = latest(rows("eval_vs_transformers"), "windows")
+    body = [[str(w), str(r["tokens"]), f"{r['ptq_ppl']:.3f}", f"{r['transformers_ppl']:.3f}",
+             f"{r['ptq_ppl'] / r['transformers_ppl']:.6f}"] for (w,), r in sorted(by.items())]
+    return ["windows", "scored tokens", "ptq eval", "transformers forward", "ratio"], body
+
+
 @renderer("quickstart_cost")
 def quickstart_cost():
     """bench/quickstart_cost.py: the quick start's compress, from its report.json (CPU s, peak RSS, stages)."""
