@@ -101,8 +101,8 @@ MACHINE_PATH = re.compile(r"(?<![\w.~$-])/(?:work|tmp|mnt|root|var/folders|home/
 def test_machine_path_pattern():
     bad = ["see " + "/tm" + "p/x.jsonl", "PTQ_DATA=" + "/wo" + "rk/shared/data", "/ro" + "ot/.cache/ptq",
            "(" + "/ho" + "me/alice/repo)", "file://" + "/tm" + "p/a", "`/Us" + "ers/bob/x`", "into " + "/tm" + "p, then"]
-    ok = ["~/.cache/ptq/smollm2-135m", "$PTQ_DATA/janeausten", "https://github.com/work/tmp/x", "../shared/data",
-          "tmp_path / 'out'", "network/workers", "src/root/x"]
+    ok = ["~/.cache/ptq/smollm2-135m", "$PTQ_DATA/janeausten", "https://github.com" + "/wo" + "rk/t" + "mp/x", "../shared/data",
+          "tmp_path / 'out'", "network/workers", "src" + "/ro" + "ot/x"]
     assert all(MACHINE_PATH.search(s) for s in bad), [s for s in bad if not MACHINE_PATH.search(s)]
     assert not any(MACHINE_PATH.search(s) for s in ok), [s for s in ok if MACHINE_PATH.search(s)]
 
