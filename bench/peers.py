@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.results_log import append  # noqa: E402
+from bench.results_log import append, run_child  # noqa: E402
 
 DATA = Path(os.environ.get("PTQ_DATA", ROOT.parent / "shared" / "data"))
 SETTINGS = {"w3g64": (3, 64), "w2g64": (2, 64), "w4g128": (4, 128), "w3pc": (3, -1)}
@@ -39,17 +37,8 @@ PEERS = ("auto-round", "gptqmodel", "llm-compressor")
 
 
 def run(cmd: list[str]) -> tuple[float, float, int, str]:
-    """(wall s, cpu s, peak RSS bytes, stdout) of one child process."""
-    t = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
-        _, status, ru = os.wait4(p.pid, 0)
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read()[-3000:]}")
-        return time.time() - t, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, out.read()
+    """One child at 1 thread from the repo root (`results_log.run_child`)."""
+    return run_child(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), cwd=ROOT)
 
 
 def main():

@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,3 +62,16 @@ def append(table: str, row: dict, command: str | None = None) -> dict:
 def rows(table: str) -> list[dict]:
     p = RESULTS / f"{table}.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def run_child(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, int, str]:
+    """(wall s, CPU s, peak RSS bytes, stdout) of one child process; exits with its stderr tail if it fails."""
+    t = time.time()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=cwd)
+        _, status, ru = os.wait4(p.pid, 0)
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read()[-3000:]}")
+        return time.time() - t, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, out.read()

@@ -15,29 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PTQ_DATA", ROOT.parent / "shared" / "data"))
 SETTINGS = {"w4g32": (4, 32), "w4g64": (4, 64), "w3g64": (3, 64), "w4g128": (4, 128), "w4pc": (4, -1),
             "w3pc": (3, -1)}
-
-
-def run(cmd: list[str]) -> tuple[float, float, int, str]:
-    """(wall s, cpu s, peak RSS bytes, stdout) of one child process."""
-    t = time.time()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, ru = os.wait4(p.pid, 0)
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read()[-3000:]}")
-        return time.time() - t, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, out.read()
 
 
 def main():
@@ -55,7 +40,8 @@ def main():
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
-    from results_log import append
+    from results_log import append, run_child
+    run = run_child
 
     calib_name = Path(args.calib).name
     common = dict(windows=args.windows, eval_seqlen=512, calib=calib_name, nsamples=args.nsamples,
