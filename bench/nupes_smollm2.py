@@ -111,13 +111,14 @@ def main():
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--dry", action="store_true", help="print the rows, append none")
+    ap.add_argument("--resume", action="store_true", help="skip (method, config) pairs already logged at --windows")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from calib.data import load_calibration, read_text, tokenize
     from ptq.eval.metrics import eval_windows
     from ptq.model_io import tokenizer_for
     from ptq.models.smollm2 import ensure_cache
-    from results_log import append
+    from results_log import append, rows
 
     model_dir = ensure_cache()
     tok = tokenizer_for(model_dir)
@@ -127,9 +128,11 @@ def main():
     if {"gptq", "gptq-sym", "nupes"} & set(methods):
         calib = load_calibration(DATA / "janeausten", tok, args.nsamples, 512, 0, bos=True)
     configs = args.configs.split(",")
+    done = {(r["method"], r["config"]) for r in rows("nupes_smollm2") if r["windows"] == args.windows} \
+        if args.resume else set()
     for cfg in configs:
         for m in methods:
-            if m == "fp" and cfg != configs[0]:
+            if m == "fp" and cfg != configs[0] or (m, None if m == "fp" else cfg) in done:
                 continue
             row = run_one(m, cfg, model_dir, windows, calib)
             if m == "fp":

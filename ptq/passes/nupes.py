@@ -42,6 +42,7 @@ class NUPESPass(GPTQPass):
     name = "nupes"
     needs_calibration = True
     quantizes_weights = True
+    mixed_bits = False  # one bit width for every linear (self.spec), unlike GPTQ
 
     @dataclass
     class Options:
