@@ -32,6 +32,7 @@ TOOLS = {  # tool -> (recipe, extra compress args)
     "gptq": ("gptq", []),
     "gptq-octav": ("gptq", ["--clip", "octav"]),
     "learned-rounding": ("learned-rounding", []),
+    "mixed-3.5": ("gptq", ["--bits", "3.5"]),  # mixed precision, average 3.5 bits (the setting's group size)
 }
 PEERS = ("auto-round", "gptqmodel", "llm-compressor")
 
