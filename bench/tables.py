@@ -226,6 +226,49 @@ def ds_attention_speed():
             "DS per-query-head top-k ms", "speedup fp16 labels", "4-bit labels", "per query head"], body
 
 
+@renderer("ds_generate_speed")
+def ds_generate_speed():
+    """bench/ds_generate_speed.py (docs/double_sparsity.md): model.generate decode tokens/s (CPU time) after a long
+    prompt, plain transformers dense, dense on the DSCache buffers, Double Sparsity."""
+    body = []
+    for r in latest(rows("ds_generate_speed"), "prompt_tokens", "heavy_tokens", "r", "label_bits").values():
+        t = r["tokens_per_s_cpu"]
+        body.append([str(r["prompt_tokens"]), str(r["heavy_tokens"]), str(r["r"]), str(r["label_bits"]),
+                     f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t['double sparsity']:.2f}",
+                     f"{r['speedup_vs_dynamic_cpu']:.2f}x", f"{r['speedup_vs_dscache_dense_cpu']:.2f}x",
+                     f"{r['greedy_agreement']['double sparsity']:.2f}"])
+    return ["prompt tokens", "k", "r", "label bits", "dense tok/s (transformers DynamicCache)",
+            "dense tok/s (DSCache buffers)", "DS tok/s", "DS vs dense", "DS vs dense buffers",
+            "greedy agreement with dense"], body
+
+
+def _latest_run(rs: list[dict]) -> list[dict]:
+    """The rows written by the latest invocation (same command and commit as the last row)."""
+    last = rs[-1]
+    return [r for r in rs if r.get("command") == last.get("command") and r.get("commit") == last.get("commit")]
+
+
+@renderer("ds_smollm2_ppl")
+def ds_smollm2_ppl():
+    """bench/ds_smollm2.py --part ppl (docs/double_sparsity.md): wikitext-2 perplexity at 2048 tokens, the latest
+    run (dense measured in it), run-time semantics (labels and top-k per KV head)."""
+    run = _latest_run(rows("ds_smollm2_ppl"))
+    dense = next(r for r in run if r["config"] == "dense")
+    body = [[r["config"], f"{r['ppl']:.3f}", pct(r["ppl"] / dense["ppl"] - 1) if r is not dense else "",
+             f"{r['ppl_tail']:.3f}", pct(r["ppl_tail"] / dense["ppl_tail"] - 1) if r is not dense else ""]
+            for r in run]
+    return ["config (tokens kept, label channels, labels)", "ppl (all positions)", "vs dense",
+            "ppl (positions >= 1024)", "vs dense"], body
+
+
+@renderer("ds_smollm2_retrieval")
+def ds_smollm2_retrieval():
+    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval, the latest run."""
+    body = [[str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
+            for r in _latest_run(rows("ds_smollm2_retrieval"))]
+    return ["prompt tokens", "config", "keys retrieved"], body
+
+
 @renderer("cskv_equal_bytes")
 def cskv_equal_bytes():
     """bench/cskv_equal_bytes.py (docs/cskv.md): quantization only (densities 1/1) vs channel shrinking +
