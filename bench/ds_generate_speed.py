@@ -11,7 +11,8 @@ each run), ``--reps`` rounds with the variants interleaved:
 
 Tokens/s counts decode steps only (the first forward of generate processes the last prompt token), timed with
 process CPU time (single thread: the work, not the wait for a core on a loaded machine) and wall time.
-Greedy token agreement with the dense run is reported. Rows: ``bench/results/ds_generate_speed.jsonl``.
+Greedy token agreement with the dense run is reported, and, teacher-forced on the dense greedy tokens, the share
+of steps where Double Sparsity's top-1 equals dense's, dense's top-1 in DS's top-5, and the mean KL(dense || DS). Rows: ``bench/results/ds_generate_speed.jsonl``.
 
     python bench/ds_generate_speed.py --model DS_FOLDER --prompt 8192
 """
@@ -116,6 +117,20 @@ def main():
             print(f"[{time.time() - t0:.0f}s] rep {rep} {name}: {tps_cpu:.2f} tok/s cpu, {tps_wall:.2f} wall", flush=True)
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in res.items()}
     ref = toks["dense (DynamicCache)"]
+    forced = {}
+    for name in ("dense (DSCache)", "double sparsity"):  # teacher forcing on the dense greedy tokens
+        cfg.dense_layers = 10**6 if name.startswith("dense") else dense_layers
+        seq = torch.cat([prompt[0], ref])[None]
+        with torch.no_grad():
+            forced[name] = torch.cat([model(input_ids=seq[:, t:t + 1], use_cache=True, **{key: cache}).logits[0]
+                                      for t in range(P, seq.shape[1] - 1)]).float().log_softmax(-1)
+        cache.crop(P)
+    lp_d, lp_s = forced["dense (DSCache)"], forced["double sparsity"]
+    tf = {"top1_agreement": float((lp_d.argmax(-1) == lp_s.argmax(-1)).float().mean()),
+          "dense_top1_in_ds_top5": float((lp_s.topk(5, -1).indices == lp_d.argmax(-1, keepdim=True)).any(-1)
+                                         .float().mean()),
+          "kl_dense_to_ds": float((lp_d.exp() * (lp_d - lp_s)).sum(-1).mean()), "steps": lp_d.shape[0]}
+    print(f"[{time.time() - t0:.0f}s] teacher forced: {tf}", flush=True)
     row = {"prompt_tokens": P, "new_tokens": args.new, "heavy_tokens": cfg.heavy_tokens, "r": cfg.heavy_channels,
            "label_bits": cfg.label_bits, "dense_layers": dense_layers, "selection": cfg.selection,
            "tokens_per_s_cpu": {n: round(v["cpu"], 3) for n, v in med.items()},
@@ -123,6 +138,7 @@ def main():
            "speedup_vs_dynamic_cpu": round(med["double sparsity"]["cpu"] / med["dense (DynamicCache)"]["cpu"], 3),
            "speedup_vs_dscache_dense_cpu": round(med["double sparsity"]["cpu"] / med["dense (DSCache)"]["cpu"], 3),
            "greedy_agreement": {n: float((t == ref).float().mean()) for n, t in toks.items()},
+           "teacher_forced": tf,
            "cache_bytes": cache.nbytes(), "reps": args.reps}
     append("ds_generate_speed", row)
     print(row)
