@@ -250,14 +250,21 @@ def _latest_run(rs: list[dict]) -> list[dict]:
 
 @renderer("ds_smollm2_ppl")
 def ds_smollm2_ppl():
-    """bench/ds_smollm2.py --part ppl (docs/double_sparsity.md): wikitext-2 perplexity at 2048 tokens, the latest
-    run (dense measured in it), run-time semantics (labels and top-k per KV head)."""
-    run = _latest_run(rows("ds_smollm2_ppl"))
-    dense = next(r for r in run if r["config"] == "dense")
-    body = [[r["config"], f"{r['ppl']:.3f}", pct(r["ppl"] / dense["ppl"] - 1) if r is not dense else "",
-             f"{r['ppl_tail']:.3f}", pct(r["ppl_tail"] / dense["ppl_tail"] - 1) if r is not dense else ""]
-            for r in run]
-    return ["config (tokens kept, label channels, labels)", "ppl (all positions)", "vs dense",
+    """bench/ds_smollm2.py --part ppl (docs/double_sparsity.md): wikitext-2 perplexity at 2048 tokens; per token
+    selection, the latest run with that selection (its dense row measured in the same run)."""
+    rs = rows("ds_smollm2_ppl")
+    body = []
+    for sel in ("kv", "head", "query-labels"):
+        mine = [r for r in rs if r.get("selection") == sel]
+        if not mine:
+            continue
+        run = _latest_run(mine)
+        dense = next(r for r in run if r["config"] == "dense")
+        for r in run:
+            d = r is dense
+            body.append([sel, r["config"], f"{r['ppl']:.3f}", "" if d else pct(r["ppl"] / dense["ppl"] - 1),
+                         f"{r['ppl_tail']:.3f}", "" if d else pct(r["ppl_tail"] / dense["ppl_tail"] - 1)])
+    return ["selection", "config (tokens kept, label channels, labels)", "ppl (all positions)", "vs dense",
             "ppl (positions >= 1024)", "vs dense"], body
 
 
