@@ -229,23 +229,34 @@ def ds_attention_speed():
 @renderer("ds_generate_speed")
 def ds_generate_speed():
     """bench/ds_generate_speed.py (docs/double_sparsity.md): model.generate decode tokens/s (CPU time) after a long
-    prompt, plain transformers dense, dense on the DSCache buffers, Double Sparsity."""
+    prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (one top-k per KV head, and per
+    query head when measured); teacher-forced top-1 agreement with dense."""
     body = []
     for r in latest(rows("ds_generate_speed"), "prompt_tokens", "heavy_tokens", "r", "label_bits").values():
         t = r["tokens_per_s_cpu"]
-        body.append([str(r["prompt_tokens"]), str(r["heavy_tokens"]), str(r["r"]), str(r["label_bits"]),
-                     f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t['double sparsity']:.2f}",
-                     f"{r['speedup_vs_dynamic_cpu']:.2f}x", f"{r['speedup_vs_dscache_dense_cpu']:.2f}x",
-                     f"{r['greedy_agreement']['double sparsity']:.2f}"])
-    return ["prompt tokens", "k", "r", "label bits", "dense tok/s (transformers DynamicCache)",
+        tf = r.get("teacher_forced", {})
+        for name, sel in (("double sparsity", "kv"), ("double sparsity (head)", "head")):
+            if name not in t:
+                continue
+            agree = tf.get(name, {}).get("top1_agreement")
+            body.append([str(r["prompt_tokens"]), str(r["heavy_tokens"]), str(r["r"]), str(r["label_bits"]), sel,
+                         f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t[name]:.2f}",
+                         f"{t[name] / t['dense (DynamicCache)']:.2f}x", f"{t[name] / t['dense (DSCache)']:.2f}x",
+                         "" if agree is None else f"{agree:.2f}"])
+    return ["prompt tokens", "k", "r", "label bits", "top-k per", "dense tok/s (transformers DynamicCache)",
             "dense tok/s (DSCache buffers)", "DS tok/s", "DS vs dense", "DS vs dense buffers",
-            "greedy agreement with dense"], body
+            "top-1 agreement (teacher-forced)"], body
 
 
-def _latest_run(rs: list[dict]) -> list[dict]:
-    """The rows written by the latest invocation (same command and commit as the last row)."""
-    last = rs[-1]
-    return [r for r in rs if r.get("command") == last.get("command") and r.get("commit") == last.get("commit")]
+def _latest_run(rs: list[dict], *keys: str) -> list[dict]:
+    """The rows of the latest invocation: the trailing rows with the last row's command (a row's commit may
+    differ within one run), the latest per ``keys``, in their order."""
+    block = []
+    for r in reversed(rs):
+        if r.get("command") != rs[-1].get("command"):
+            break
+        block.insert(0, r)
+    return list(latest(block, *keys).values()) if keys else block
 
 
 @renderer("ds_smollm2_ppl")
@@ -258,7 +269,7 @@ def ds_smollm2_ppl():
         mine = [r for r in rs if r.get("selection") == sel]
         if not mine:
             continue
-        run = _latest_run(mine)
+        run = _latest_run(mine, "config")
         dense = next(r for r in run if r["config"] == "dense")
         for r in run:
             d = r is dense
@@ -272,7 +283,7 @@ def ds_smollm2_ppl():
 def ds_smollm2_retrieval():
     """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval, the latest run."""
     body = [[str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
-            for r in _latest_run(rows("ds_smollm2_retrieval"))]
+            for r in _latest_run(rows("ds_smollm2_retrieval"), "length", "config")]
     return ["prompt tokens", "config", "keys retrieved"], body
 
 
