@@ -211,6 +211,17 @@ def udfc_minilm():
     return ["bits", "prune", "none", "pair", "lstsq"], body
 
 
+@renderer("gate_smollm2")
+def gate_smollm2():
+    """bench/gate_smollm2.py (docs/ci.md): exact gate metrics vs the stored-baseline mode (top-k KL lower bound)."""
+    body = []
+    for r in latest(rows("gate_smollm2"), "mode").values():
+        size = r["baseline_file_bytes"]
+        body.append([r["mode"], f"{r['ppl']:.3f}", f"{r['ppl_ref']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['kl']:.4f}",
+                     f"{r['top1']:.4f}", f"{r['seconds']:.1f}", "" if size is None else f"{size / 2**20:.2f} MiB"])
+    return ["mode", "ppl", "reference ppl", "ppl ratio", "KL", "top-1", "seconds", "baseline file"], body
+
+
 @renderer("ds_attention_speed")
 def ds_attention_speed():
     """bench/ds_attention_speed.py (docs/double_sparsity.md): one decode step of attention, ms and speedup vs the
