@@ -279,6 +279,67 @@ def ds_attention_speed():
             "DS per-query-head top-k ms", "speedup fp16 labels", "4-bit labels", "per query head"], body
 
 
+@renderer("ds_generate_speed")
+def ds_generate_speed():
+    """bench/ds_generate_speed.py (docs/double_sparsity.md): model.generate decode tokens/s (CPU time) after a long
+    prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (one top-k per KV head, and per
+    query head when measured); teacher-forced top-1 agreement with dense."""
+    body = []
+    for r in latest(rows("ds_generate_speed"), "prompt_tokens", "heavy_tokens", "r", "label_bits").values():
+        t = r["tokens_per_s_cpu"]
+        tf = r.get("teacher_forced", {})
+        for name, sel in (("double sparsity", "kv"), ("double sparsity (head)", "head")):
+            if name not in t:
+                continue
+            agree = tf.get(name, {}).get("top1_agreement")
+            body.append([str(r["prompt_tokens"]), str(r["heavy_tokens"]), str(r["r"]), str(r["label_bits"]), sel,
+                         f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t[name]:.2f}",
+                         f"{t[name] / t['dense (DynamicCache)']:.2f}x", f"{t[name] / t['dense (DSCache)']:.2f}x",
+                         "" if agree is None else f"{agree:.2f}"])
+    return ["prompt tokens", "k", "r", "label bits", "top-k per", "dense tok/s (transformers DynamicCache)",
+            "dense tok/s (DSCache buffers)", "DS tok/s", "DS vs dense", "DS vs dense buffers",
+            "top-1 agreement (teacher-forced)"], body
+
+
+def _latest_run(rs: list[dict], *keys: str) -> list[dict]:
+    """The rows of the latest invocation: the trailing rows with the last row's command (a row's commit may
+    differ within one run), the latest per ``keys``, in their order."""
+    block = []
+    for r in reversed(rs):
+        if r.get("command") != rs[-1].get("command"):
+            break
+        block.insert(0, r)
+    return list(latest(block, *keys).values()) if keys else block
+
+
+@renderer("ds_smollm2_ppl")
+def ds_smollm2_ppl():
+    """bench/ds_smollm2.py --part ppl (docs/double_sparsity.md): wikitext-2 perplexity at 2048 tokens; per token
+    selection, the latest run with that selection (its dense row measured in the same run)."""
+    rs = rows("ds_smollm2_ppl")
+    body = []
+    for sel in ("kv", "head", "query-labels"):
+        mine = [r for r in rs if r.get("selection") == sel]
+        if not mine:
+            continue
+        run = _latest_run(mine, "config")
+        dense = next(r for r in run if r["config"] == "dense")
+        for r in run:
+            d = r is dense
+            body.append([sel, r["config"], f"{r['ppl']:.3f}", "" if d else pct(r["ppl"] / dense["ppl"] - 1),
+                         f"{r['ppl_tail']:.3f}", "" if d else pct(r["ppl_tail"] / dense["ppl_tail"] - 1)])
+    return ["selection", "config (tokens kept, label channels, labels)", "ppl (all positions)", "vs dense",
+            "ppl (positions >= 1024)", "vs dense"], body
+
+
+@renderer("ds_smollm2_retrieval")
+def ds_smollm2_retrieval():
+    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval, the latest run."""
+    body = [[str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
+            for r in _latest_run(rows("ds_smollm2_retrieval"), "length", "config")]
+    return ["prompt tokens", "config", "keys retrieved"], body
+
+
 @renderer("cskv_equal_bytes")
 def cskv_equal_bytes():
     """bench/cskv_equal_bytes.py (docs/cskv.md): quantization only (densities 1/1) vs channel shrinking +
