@@ -173,6 +173,29 @@ def osplus_speed():
     return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], body
 
 
+@renderer("export_size")
+def export_size():
+    """bench/export_size_smollm2.py: SmolLM2 W4 g64 export bytes against the fp32 folder (and, for the fp16 copy,
+    against that source), from the latest run (rows that carry ``parts`` or ``ratio_vs_source``)."""
+    rs = [r for r in rows("export_size") if r.get("utc", "") >= _size_run_start()]
+    body = []
+    for r in rs:
+        if r["artifact"].startswith("arithmetic floor"):
+            continue
+        src = "fp16 copy" if "ratio_vs_source" in r else "fp32"
+        store = {"auto": "as stored", "float16": "`--store-dtype float16`"}.get(r.get("store_dtype"), "")
+        body.append([f"{r['artifact'].split(',')[0]}", src, r["embeddings"] + (f" ({store})" if store else ""),
+                     f"{r['bytes']:,}", f"{r['ratio_vs_fp32']:.3f}",
+                     f"{r['ratio_vs_source']:.3f}" if "ratio_vs_source" in r else ""])
+    return ["artifact", "source", "embedding", "bytes", "x fp32 folder", "x its source"], body
+
+
+def _size_run_start() -> str:
+    """utc of the latest arithmetic-floor row: the start of the latest export_size run."""
+    fl = [r["utc"] for r in rows("export_size") if r["artifact"].startswith("arithmetic floor")]
+    return max(fl) if fl else ""
+
+
 CSKV_SUMMARY = ["dense fp16 KV", "k0.375/v1.0 4-bit asvd", "k0.25/v1.0 4-bit asvd", "k0.5/v0.5 4-bit asvd+fit"]
 
 
