@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 DATA = Path(os.environ.get("PTQ_DATA", ROOT.parent / "shared" / "data"))
 TABLE = "osplus_smollm2"
+SERIES = 2  # rows of this script's current form (current evaluator, down_proj migrated / quantized / fp)
 
 
 DOWN = {None: "migrated", "-dpfp": "fp", "-dpq": "quantized"}  # down_proj input: name suffix -> treatment
@@ -111,7 +112,8 @@ def run_config(name: str, args, model_dir, calib, windows) -> dict:
     if name == "fp32":
         model, _ = full_model(model_dir)
         m = model_metrics(model, windows)
-        return {"config": name, "ppl": m.ppl, "tokens": m.tokens, "eval_s": round(time.time() - t0, 1)}
+        return {"config": name, "series": SERIES, "ppl": m.ppl, "tokens": m.tokens, "windows": len(windows),
+                "eval_s": round(time.time() - t0, 1)}
     method, wb, ab, down = parse(name)
     if method.startswith("naive") and down == "migrated":
         down = "quantized"  # nothing migrates without a migration pass
@@ -135,7 +137,7 @@ def run_config(name: str, args, model_dir, calib, windows) -> dict:
     model, _ = full_model(out)
     spec_json = load_act_quant(model, out)
     m = model_metrics(model, windows)
-    res = {"config": name, "method": method, "w_bits": wb, "a_bits": ab,
+    res = {"config": name, "series": SERIES, "method": method, "w_bits": wb, "a_bits": ab,
            "down_proj_input": down, "ppl": m.ppl, "tokens": m.tokens,
            "windows": len(windows), "calib_samples": n, "calib_seqlen": 512,
            "act_quant_linears": sum(1 for e in (spec_json or {}).get("linears", {}).values() if e.get("quant", True)),
