@@ -73,14 +73,15 @@ def passes_for(method: str, down: str, args):
         return GPTQPass(next(o for n, o in load_recipe("os+").passes if n == "gptq"))
 
     LossProbe.unbiased = method != "os-biased"
-    if method == "os-recipe":  # exactly the recipe's passes (os+ -> gptq -> act-quant), own statistics count
+    over = {"down_loss": "normed"} if method == "os-recipe-normed" else {}
+    if method in ("os-recipe", "os-recipe-normed"):  # the recipe's passes (os+ -> gptq -> act-quant)
         if down == "quantized":
             raise SystemExit("os-recipe: the recipes migrate down_proj (os+) or keep it fp (os+-down-fp)")
         rec = load_recipe("os+-down-fp" if down == "fp" else "os+")
         out = []
         for n, o in rec.passes:
             if n == "os+":
-                o = dataclasses.replace(o, search_samples=args.calib_samples)
+                o = dataclasses.replace(o, search_samples=args.calib_samples, **over)
             out.append(get_pass_class(n)(o))
         return out
     table = {
@@ -117,7 +118,7 @@ def run_config(name: str, args, model_dir, calib, windows) -> dict:
     method, wb, ab, down = parse(name)
     if method.startswith("naive") and down == "migrated":
         down = "quantized"  # nothing migrates without a migration pass
-    spec = QuantSpec(bits=wb, group_size=-1, sym=method == "os-recipe")  # the recipe: symmetric weights
+    spec = QuantSpec(bits=wb, group_size=-1, sym=method.startswith("os-recipe"))  # the recipe: symmetric W
     defaults = Defaults(bits=wb, group_size=-1, act_bits=ab, act_granularity="token")
     passes = passes_for(method, down, args)
     for p in passes:

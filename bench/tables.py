@@ -146,31 +146,65 @@ def osplus_summary():
     return ["method"] + [b.upper() for b in bits], body
 
 
+OSPLUS_W4A4_ROWS = [  # (label, config per column naive / SmoothQuant / OS+)
+    ("down_proj input migrated and quantized (naive: quantized)", ("naive-w4a4", "sq-w4a4", "os-w4a4")),
+    ("down_proj input in full precision", ("naive-w4a4-dpfp", "sq-w4a4-dpfp", "os-w4a4-dpfp")),
+    ("earlier configuration (9509178: OS+ search on 1 x 512 tokens, 16 grid steps; down_proj input quantized, "
+     "not migrated)", (None, None, "os-old-w4a4-dpq")),
+]
+
+
+def _osplus_series() -> dict[tuple, dict]:
+    return latest([r for r in rows("osplus_smollm2") if r.get("series") == 2 and r.get("windows") == 40], "config")
+
+
 @renderer("osplus_w4a4")
 def osplus_w4a4():
-    """bench/osplus_smollm2.py (rows with ``down_proj_input``): W4A4 perplexity (40 windows) of naive /
-    SmoothQuant / OS+ with down_proj's input quantized (migrated by SmoothQuant and OS+) or in full precision,
-    same calibration for every method; plus OS+ W6A6."""
-    by = latest([r for r in rows("osplus_smollm2") if "down_proj_input" in r], "config")
+    """bench/osplus_smollm2.py (series 2, 40 windows): W4A4 perplexity of naive / SmoothQuant / OS+ with
+    down_proj's input migrated and quantized, or in full precision, same calibration for every method; the
+    earlier configuration re-measured."""
+    by = _osplus_series()
     body = []
-    for suffix, label in (("", "down_proj input quantized (migrated by SQ / OS+)"),
-                          ("-dpfp", "down_proj input in full precision")):
-        cells = [by.get((f"{m}-w4a4{suffix}",)) for m in ("naive", "sq", "os")]
-        body.append([label] + [f2(c and c["ppl"]) for c in cells])
-    w6 = by.get(("os-w6a6",))
-    if w6:
-        body.append(["OS+ W6A6 (down_proj migrated)", "", "", f2(w6["ppl"])])
-    return ["W4A4", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
+    for label, cfgs in OSPLUS_W4A4_ROWS:
+        cells = [by.get((c,)) if c else None for c in cfgs]
+        if any(cells):
+            body.append([label] + [f2(c and c["ppl"]) for c in cells])
+    return ["W4A4 (fp32 " + f2(by[("fp32",)]["ppl"]) + ")", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
+
+
+OSPLUS_W6A6_ROWS = [
+    ("os-recipe-w6a6-dpfp", "`os+-down-fp` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input in full precision"),
+    ("os-recipe-w6a6", "`os+` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input migrated and quantized"),
+    ("os-w6a6-dpfp", "OS+ -> RTN (W6 asym) -> A6; down_proj input in full precision"),
+    ("os-w6a6", "OS+ -> RTN (W6 asym) -> A6; down_proj input migrated and quantized"),
+    ("os-old-w6a6-dpq", "earlier configuration (9509178), RTN; down_proj input quantized, not migrated"),
+]
+
+
+@renderer("osplus_w6a6")
+def osplus_w6a6():
+    """bench/osplus_smollm2.py (series 2, 40 windows): OS+ W6A6 perplexity against fp32 (target: within 5 %)."""
+    by = _osplus_series()
+    fp = by[("fp32",)]["ppl"]
+    body = [["fp32", f2(fp), ""]]
+    for cfg, label in OSPLUS_W6A6_ROWS:
+        r = by.get((cfg,))
+        if r:
+            body.append([label, f2(r["ppl"]), pct(r["ppl"] / fp - 1)])
+    return ["W6A6", "ppl", "vs fp32"], body
 
 
 @renderer("osplus_speed")
 def osplus_speed():
-    """bench/osplus_speed.py: compress seconds of os+ vs gptq on a 2-layer random Llama with 7B widths."""
+    """bench/osplus_speed.py: compress CPU seconds (1 thread) of os+ vs gptq on a 2-layer random Llama with 7B
+    widths, and the OS+ pass's own share."""
+    head = ["calibration", "gptq CPU s", "os+ CPU s (search + gptq + act)", "of which the os+ pass", "os+ / gptq"]
     if not (RESULTS / "osplus_speed.jsonl").exists():
-        return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], []
-    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_s']:.0f}", f"{r['osplus_s']:.0f}",
-             f"{r['ratio_osplus_to_gptq']:.2f}"] for r in rows("osplus_speed")]
-    return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], body
+        return head, []
+    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_cpu_s']:.0f}", f"{r['osplus_cpu_s']:.0f}",
+             f"{r['stages_cpu_s']['os+'].get('pass os+', 0):.0f}", f"{r['ratio_osplus_to_gptq']:.2f}"]
+            for r in rows("osplus_speed") if "gptq_cpu_s" in r]
+    return head, body
 
 
 @renderer("export_size")
