@@ -146,88 +146,31 @@ def osplus_summary():
     return ["method"] + [b.upper() for b in bits], body
 
 
-OSPLUS_W4A4_ROWS = [  # (label, config per column naive / SmoothQuant / OS+)
-    ("down_proj input migrated and quantized (naive: quantized)", ("naive-w4a4", "sq-w4a4", "os-w4a4")),
-    ("down_proj input in full precision", ("naive-w4a4-dpfp", "sq-w4a4-dpfp", "os-w4a4-dpfp")),
-    ("earlier configuration (9509178: OS+ search on 1 x 512 tokens, 16 grid steps; down_proj input quantized, "
-     "not migrated)", (None, None, "os-old-w4a4-dpq")),
-]
-
-
-def _osplus_series() -> dict[tuple, dict]:
-    return latest([r for r in rows("osplus_smollm2") if r.get("series") == 2 and r.get("windows") == 40], "config")
-
-
 @renderer("osplus_w4a4")
 def osplus_w4a4():
-    """bench/osplus_smollm2.py (series 2, 40 windows): W4A4 perplexity of naive / SmoothQuant / OS+ with
-    down_proj's input migrated and quantized, or in full precision, same calibration for every method; the
-    earlier configuration re-measured."""
-    by = _osplus_series()
+    """bench/osplus_smollm2.py (rows with ``down_proj_input``): W4A4 perplexity (40 windows) of naive /
+    SmoothQuant / OS+ with down_proj's input quantized (migrated by SmoothQuant and OS+) or in full precision,
+    same calibration for every method; plus OS+ W6A6."""
+    by = latest([r for r in rows("osplus_smollm2") if "down_proj_input" in r], "config")
     body = []
-    for label, cfgs in OSPLUS_W4A4_ROWS:
-        cells = [by.get((c,)) if c else None for c in cfgs]
-        if any(cells):
-            body.append([label] + [f2(c and c["ppl"]) for c in cells])
-    return ["W4A4 (fp32 " + f2(by[("fp32",)]["ppl"]) + ")", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
-
-
-OSPLUS_W6A6_ROWS = [
-    ("os-recipe-w6a6-dpfp", "`os+-down-fp` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input in full precision"),
-    ("os-recipe-w6a6", "`os+` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input migrated and quantized"),
-    ("os-w6a6-dpfp", "OS+ -> RTN (W6 asym) -> A6; down_proj input in full precision"),
-    ("os-w6a6", "OS+ -> RTN (W6 asym) -> A6; down_proj input migrated and quantized"),
-    ("os-old-w6a6-dpq", "earlier configuration (9509178), RTN; down_proj input quantized, not migrated"),
-]
-
-
-@renderer("osplus_w6a6")
-def osplus_w6a6():
-    """bench/osplus_smollm2.py (series 2, 40 windows): OS+ W6A6 perplexity against fp32 (target: within 5 %)."""
-    by = _osplus_series()
-    fp = by[("fp32",)]["ppl"]
-    body = [["fp32", f2(fp), ""]]
-    for cfg, label in OSPLUS_W6A6_ROWS:
-        r = by.get((cfg,))
-        if r:
-            body.append([label, f2(r["ppl"]), pct(r["ppl"] / fp - 1)])
-    return ["W6A6", "ppl", "vs fp32"], body
+    for suffix, label in (("", "down_proj input quantized (migrated by SQ / OS+)"),
+                          ("-dpfp", "down_proj input in full precision")):
+        cells = [by.get((f"{m}-w4a4{suffix}",)) for m in ("naive", "sq", "os")]
+        body.append([label] + [f2(c and c["ppl"]) for c in cells])
+    w6 = by.get(("os-w6a6",))
+    if w6:
+        body.append(["OS+ W6A6 (down_proj migrated)", "", "", f2(w6["ppl"])])
+    return ["W4A4", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
 
 
 @renderer("osplus_speed")
 def osplus_speed():
-    """bench/osplus_speed.py: compress CPU seconds (1 thread) of os+ vs gptq on a 2-layer random Llama with 7B
-    widths, and the OS+ pass's own share."""
-    head = ["calibration", "gptq CPU s", "os+ CPU s (search + gptq + act)", "of which the os+ pass", "os+ / gptq"]
+    """bench/osplus_speed.py: compress seconds of os+ vs gptq on a 2-layer random Llama with 7B widths."""
     if not (RESULTS / "osplus_speed.jsonl").exists():
-        return head, []
-    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_cpu_s']:.0f}", f"{r['osplus_cpu_s']:.0f}",
-             f"{r['stages_cpu_s']['os+'].get('pass os+', 0):.0f}", f"{r['ratio_osplus_to_gptq']:.2f}"]
-            for r in rows("osplus_speed") if "gptq_cpu_s" in r]
-    return head, body
-
-
-@renderer("export_size")
-def export_size():
-    """bench/export_size_smollm2.py: SmolLM2 W4 g64 export bytes against the fp32 folder (and, for the fp16 copy,
-    against that source), from the latest run (rows that carry ``parts`` or ``ratio_vs_source``)."""
-    rs = [r for r in rows("export_size") if r.get("utc", "") >= _size_run_start()]
-    body = []
-    for r in rs:
-        if r["artifact"].startswith("arithmetic floor"):
-            continue
-        src = "fp16 copy" if "ratio_vs_source" in r else "fp32"
-        store = {"auto": "as stored", "float16": "`--store-dtype float16`"}.get(r.get("store_dtype"), "")
-        body.append([f"{r['artifact'].split(',')[0]}", src, r["embeddings"] + (f" ({store})" if store else ""),
-                     f"{r['bytes']:,}", f"{r['ratio_vs_fp32']:.3f}",
-                     f"{r['ratio_vs_source']:.3f}" if "ratio_vs_source" in r else ""])
-    return ["artifact", "source", "embedding", "bytes", "x fp32 folder", "x its source"], body
-
-
-def _size_run_start() -> str:
-    """utc of the latest arithmetic-floor row: the start of the latest export_size run."""
-    fl = [r["utc"] for r in rows("export_size") if r["artifact"].startswith("arithmetic floor")]
-    return max(fl) if fl else ""
+        return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], []
+    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_s']:.0f}", f"{r['osplus_s']:.0f}",
+             f"{r['ratio_osplus_to_gptq']:.2f}"] for r in rows("osplus_speed")]
+    return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], body
 
 
 CSKV_SUMMARY = ["dense fp16 KV", "k0.375/v1.0 4-bit asvd", "k0.25/v1.0 4-bit asvd", "k0.5/v0.5 4-bit asvd+fit"]
@@ -268,6 +211,17 @@ def udfc_minilm():
     return ["bits", "prune", "none", "pair", "lstsq"], body
 
 
+@renderer("gate_smollm2")
+def gate_smollm2():
+    """bench/gate_smollm2.py (docs/ci.md): exact gate metrics vs the stored-baseline mode (top-k KL lower bound)."""
+    body = []
+    for r in latest(rows("gate_smollm2"), "mode").values():
+        size = r["baseline_file_bytes"]
+        body.append([r["mode"], f"{r['ppl']:.3f}", f"{r['ppl_ref']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['kl']:.4f}",
+                     f"{r['top1']:.4f}", f"{r['seconds']:.1f}", "" if size is None else f"{size / 2**20:.2f} MiB"])
+    return ["mode", "ppl", "reference ppl", "ppl ratio", "KL", "top-1", "seconds", "baseline file"], body
+
+
 @renderer("ds_attention_speed")
 def ds_attention_speed():
     """bench/ds_attention_speed.py (docs/double_sparsity.md): one decode step of attention, ms and speedup vs the
@@ -281,6 +235,67 @@ def ds_attention_speed():
                      f"{sp['DS kv fp16']:.2f}x", f"{sp['DS kv 4-bit']:.2f}x", f"{sp['DS head fp16']:.2f}x"])
     return ["cached tokens S", "k", "r", "dense sdpa ms", "dense bmm ms", "DS fp16 labels ms", "DS 4-bit labels ms",
             "DS per-query-head top-k ms", "speedup fp16 labels", "4-bit labels", "per query head"], body
+
+
+@renderer("ds_generate_speed")
+def ds_generate_speed():
+    """bench/ds_generate_speed.py (docs/double_sparsity.md): model.generate decode tokens/s (CPU time) after a long
+    prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (one top-k per KV head, and per
+    query head when measured); teacher-forced top-1 agreement with dense."""
+    body = []
+    for r in latest(rows("ds_generate_speed"), "prompt_tokens", "heavy_tokens", "r", "label_bits").values():
+        t = r["tokens_per_s_cpu"]
+        tf = r.get("teacher_forced", {})
+        for name, sel in (("double sparsity", "kv"), ("double sparsity (head)", "head")):
+            if name not in t:
+                continue
+            agree = tf.get(name, {}).get("top1_agreement")
+            body.append([str(r["prompt_tokens"]), str(r["heavy_tokens"]), str(r["r"]), str(r["label_bits"]), sel,
+                         f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t[name]:.2f}",
+                         f"{t[name] / t['dense (DynamicCache)']:.2f}x", f"{t[name] / t['dense (DSCache)']:.2f}x",
+                         "" if agree is None else f"{agree:.2f}"])
+    return ["prompt tokens", "k", "r", "label bits", "top-k per", "dense tok/s (transformers DynamicCache)",
+            "dense tok/s (DSCache buffers)", "DS tok/s", "DS vs dense", "DS vs dense buffers",
+            "top-1 agreement (teacher-forced)"], body
+
+
+def _latest_run(rs: list[dict], *keys: str) -> list[dict]:
+    """The rows of the latest invocation: the trailing rows with the last row's command (a row's commit may
+    differ within one run), the latest per ``keys``, in their order."""
+    block = []
+    for r in reversed(rs):
+        if r.get("command") != rs[-1].get("command"):
+            break
+        block.insert(0, r)
+    return list(latest(block, *keys).values()) if keys else block
+
+
+@renderer("ds_smollm2_ppl")
+def ds_smollm2_ppl():
+    """bench/ds_smollm2.py --part ppl (docs/double_sparsity.md): wikitext-2 perplexity at 2048 tokens; per token
+    selection, the latest run with that selection (its dense row measured in the same run)."""
+    rs = rows("ds_smollm2_ppl")
+    body = []
+    for sel in ("kv", "head", "query-labels"):
+        mine = [r for r in rs if r.get("selection") == sel]
+        if not mine:
+            continue
+        run = _latest_run(mine, "config")
+        dense = next(r for r in run if r["config"] == "dense")
+        for r in run:
+            d = r is dense
+            body.append([sel, r["config"], f"{r['ppl']:.3f}", "" if d else pct(r["ppl"] / dense["ppl"] - 1),
+                         f"{r['ppl_tail']:.3f}", "" if d else pct(r["ppl_tail"] / dense["ppl_tail"] - 1)])
+    return ["selection", "config (tokens kept, label channels, labels)", "ppl (all positions)", "vs dense",
+            "ppl (positions >= 1024)", "vs dense"], body
+
+
+@renderer("ds_smollm2_retrieval")
+def ds_smollm2_retrieval():
+    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval, the latest run."""
+    body = [[str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
+            for r in _latest_run(rows("ds_smollm2_retrieval"), "length", "config")]
+    return ["prompt tokens", "config", "keys retrieved"], body
 
 
 @renderer("cskv_equal_bytes")
