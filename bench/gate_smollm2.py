@@ -4,7 +4,8 @@
 
 Compresses SmolLM2 with RTN W4 g128 (fp export) into a temp folder, measures ppl ratio / KL / top-1 against the fp32
 model, then re-measures from stored baselines with k = 8 and 32 and prints how tight the KL bound is, the
-baseline file size and the wall time of each mode.
+baseline file size and the wall time of each mode. Every mode is one row of ``bench/results/gate_smollm2.jsonl``
+(rendered into docs/ci.md by ``bench/tables.py``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
+from bench.results_log import append  # noqa: E402
 
 
 def main():
@@ -58,6 +60,12 @@ def main():
         print(f"{name:22s} {m['ppl']:8.3f} {m['ppl_ref']:8.3f} {m['ppl_ratio']:7.4f} {m['kl']:8.4f} "
               f"{m['top1']:7.4f} {dt:7.1f} {'-' if size is None else f'{size / 2**20:.2f}MiB':>9s}")
     print(json.dumps({n: {k: m[k] for k in ('ppl', 'ppl_ref', 'kl', 'top1')} for n, m, _, _ in rows}))
+    for name, m, dt, size in rows:
+        append("gate_smollm2", {"model": "smollm2-135m", "compressed": "rtn W4 g128 (fp export)",
+                                "windows": a.windows, "seqlen": a.seqlen, "mode": name,
+                                "ppl": m["ppl"], "ppl_ref": m["ppl_ref"], "ppl_ratio": m["ppl_ratio"],
+                                "kl": m["kl"], "top1": m["top1"], "seconds": round(dt, 1),
+                                "baseline_file_bytes": size})
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """`ptq export <compressed-dir> --format onnx`: a compressed checkpoint -> ONNX with integer kernels, validated in
 onnxruntime against the PyTorch fake-quant model (report in ``<out>/onnx_report.json``).
 
-Steps (`export_onnx`): fp32 KV-cache graph of the fake-quant model (dequantized weights, `ptq.export.onnx_graph`),
-map weight initializers to modules, rewrite quantized linears / embeddings (`ptq.export.onnx_quant`), save
-(external data above ~1.8 GB), then `ptq.export.onnx_validate.validate`.
+Steps (`export_onnx`): the fused decoder graph (``graph="fused"``, default: GroupQueryAttention with the KV cache,
+SkipSimplifiedLayerNorm, packed q/k/v MatMulNBits, `ptq.export.onnx_fused`) for the families it covers, written with
+a ``genai_config.json`` so onnxruntime-genai runs the folder; otherwise (``graph="plain"``, QDQ / W8A8 /
+activation-quantized exports, other families) the fp32 KV-cache graph of the fake-quant model
+(`ptq.export.onnx_graph`) with quantized linears / embeddings rewritten (`ptq.export.onnx_quant`). Saved (external
+data above ~1.8 GB), then `ptq.export.onnx_validate.validate`.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def quantize_embeddings(model: nn.Module, qweights: dict, bits: int, group_size:
 def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: Path, mode: str = "nbits",
                 accuracy_level: int = 4, validate: bool = True, ids: torch.Tensor | None = None,
                 tied: dict[str, str] | None = None, n_new: int = 20, w8a8_weight_type: str = "uint8",
-                proto=None, act_spec: dict | None = None, act_tensors=None) -> dict:
+                proto=None, act_spec: dict | None = None, act_tensors=None, graph: str = "fused") -> dict:
     """Export the fake-quant ``model`` (weights = dequantized ``qweights``) to ``out_dir/model.onnx``.
 
     ``qweights``: module path -> QuantizedWeight (exact codes). ``proto``: an fp graph already exported from this
@@ -83,14 +86,24 @@ def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir:
         emb_path, head_path = _embedding_paths(model)
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         tied = {emb_path: head_path} if head.weight.data_ptr() == emb.weight.data_ptr() else {}
-    proto = export_graph(model) if proto is None else proto
-    sites = weight_sites(proto, model)
-    mapped = {s.module for s in sites}
-    missing = sorted(set(qweights) - mapped)
-    if missing:
-        raise ValueError(f"quantized modules not found in the ONNX graph: {missing[:5]}")
-    rw = quantize_graph(proto, sites, qweights, mode=mode, accuracy_level=accuracy_level, tied=tied,
-                        w8a8_weight_type=w8a8_weight_type, act=act)
+    why = _fused_unsupported(model, mode, act_spec, proto) if graph == "fused" else None
+    used = "fused" if graph == "fused" and why is None else "plain"
+    if used == "fused":
+        from ptq.export.onnx_fused import build_fused
+
+        proto, rw = build_fused(model, qweights, accuracy_level, tied)
+        missing = sorted(set(qweights) - set(rw["replaced"]) - set(rw["fallback_fp"]))
+        if missing:
+            raise ValueError(f"quantized modules not in the fused ONNX graph: {missing[:5]}")
+    else:
+        proto = export_graph(model) if proto is None else proto
+        sites = weight_sites(proto, model)
+        mapped = {s.module for s in sites}
+        missing = sorted(set(qweights) - mapped)
+        if missing:
+            raise ValueError(f"quantized modules not found in the ONNX graph: {missing[:5]}")
+        rw = quantize_graph(proto, sites, qweights, mode=mode, accuracy_level=accuracy_level, tied=tied,
+                            w8a8_weight_type=w8a8_weight_type, act=act)
     if act_spec:
         missing_act = sorted(set(act) - set(rw.get("act_quant", {})))
         if missing_act:
@@ -98,10 +111,12 @@ def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir:
         install_act_quant(model, act_spec, act_tensors)  # validation reference = ptq's fake-quant model
     files = save_model(proto, out_dir / MODEL_FILE)
     del proto
-    report = {"mode": mode, "accuracy_level": accuracy_level, "opset": 21,
+    report = {"mode": mode, "graph": used, "accuracy_level": accuracy_level, "opset": 21,
               "files": {f.name: f.stat().st_size for f in files},
               "size_bytes": sum(f.stat().st_size for f in files), "export_seconds": round(time.time() - t0, 2),
               **rw}
+    if why is not None:
+        report["graph_fallback"] = why
     if validate:
         ids = ids if ids is not None else sample_ids(model.config)
         w8 = [m for m, op in rw["replaced"].items() if op == "DynamicQuantizeMatMul"]
@@ -111,6 +126,19 @@ def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir:
         report["validation"]["seconds"] = round(time.time() - t1, 2)
     (out_dir / "onnx_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _fused_unsupported(model: nn.Module, mode: str, act_spec, proto) -> str | None:
+    """Why the fused graph cannot be used (None: it can)."""
+    from ptq.export.onnx_fused import unsupported_reason
+
+    if proto is not None:
+        return "a plain fp graph was given"
+    if mode != "nbits":
+        return f"{mode} graphs are plain"
+    if act_spec:
+        return "activation-quantized recipe (the fused graph has no activation quantizers)"
+    return unsupported_reason(model)
 
 
 def load_compressed(compressed_dir: Path) -> tuple[nn.Module, dict[str, QuantizedWeight], dict]:
@@ -135,7 +163,7 @@ def load_compressed(compressed_dir: Path) -> tuple[nn.Module, dict[str, Quantize
 
 
 def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4, qdq: bool = False,
-                    validate: bool = True, embed_bits: int | None = None) -> dict:
+                    validate: bool = True, embed_bits: int | None = None, graph: str = "fused") -> dict:
     """`ptq compress --format onnx` / `ptq export`: compressed folder -> ONNX folder (+ config/tokenizer files)."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     _refuse_moe(Path(compressed_dir))
@@ -163,7 +191,8 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
     from ptq.export.onnx_validate import sample_ids
 
     report = export_onnx(model, qweights, out_dir, mode=mode, accuracy_level=accuracy_level, validate=validate,
-                         ids=sample_ids(model.config, tok), tied=tied, act_spec=act_spec, act_tensors=act_tensors)
+                         ids=sample_ids(model.config, tok), tied=tied, act_spec=act_spec, act_tensors=act_tensors,
+                         graph=graph)
     report["source"] = str(compressed_dir)
     report["quantized_at_export"] = extra
     if act_spec:
@@ -174,6 +203,10 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
         p = side_file(Path(compressed_dir), f)  # never through a link that leaves the folder
         if p is not None:
             shutil.copyfile(p, Path(out_dir) / f)
+    if report["graph"] == "fused":
+        from ptq.export.onnx_genai import write_genai_config
+
+        write_genai_config(Path(out_dir), model.config, Path(compressed_dir))
     (Path(out_dir) / "onnx_report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -205,6 +238,9 @@ def register(app) -> None:
         embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="also RTN-quantize the fp embedding / "
                                                  "lm_head at export (4 or 8, group 32)"),
         no_validate: bool = typer.Option(False, "--no-validate", help="skip the onnxruntime check"),
+        graph: str = typer.Option("fused", "--graph", help="fused: GroupQueryAttention / SkipSimplifiedLayerNorm "
+                                  "graph + genai_config.json (llama, mistral, qwen2; others fall back to plain); "
+                                  "plain: the torch.onnx graph with integer kernels"),
     ):
         """Export a compressed model to ONNX (MatMulNBits / GatherBlockQuantized / DynamicQuantizeMatMul)."""
         from rich.console import Console
@@ -219,11 +255,13 @@ def register(app) -> None:
             fail("--embed-bits must be 2, 4 or 8")
         if accuracy_level not in range(5):
             fail("--accuracy-level must be 0..4")
+        if graph not in ("fused", "plain"):
+            fail(f"--graph must be fused or plain, got {graph!r}")
         try:
             rep = export_onnx_dir(compressed_dir, out or compressed_dir / "onnx", accuracy_level, qdq,
-                                  not no_validate, embed_bits)
+                                  not no_validate, embed_bits, graph)
         except ValueError as e:
             fail(str(e))
         v = rep.get("validation", {})
-        Console().print(json.dumps({k: rep[k] for k in ("mode", "accuracy_level", "size_bytes", "fallback_fp")}
+        Console().print(json.dumps({k: rep[k] for k in ("mode", "graph", "accuracy_level", "size_bytes", "fallback_fp")}
                                    | {k: v[k] for k in v if k.startswith(("max_abs", "greedy_match"))}, indent=2))

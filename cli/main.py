@@ -41,7 +41,11 @@ def compress(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (must not exist unless --force); "
                                        "default: MODEL-RECIPE-wBITS[...] in the working directory"),
     recipe: str = typer.Option("gptq", help="built-in recipe name (see `ptq recipes`) or a YAML path"),
-    bits: Optional[int] = typer.Option(None, help="weight bits 2..8 (16 = unquantized, udfc only; default from the recipe)"),
+    bits: Optional[float] = typer.Option(None, help="weight bits 2..8 (16 = unquantized, udfc only; default from the "
+                                         "recipe); a fractional average such as 3.5 = mixed precision (gptq/rtn: "
+                                         "bits per linear by sensitivity, docs/mixed_precision.md)"),
+    bit_widths: Optional[str] = typer.Option(None, "--bit-widths", help="mixed precision: allowed widths "
+                                             "(default 2,3,4,8)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="group size along K, -1 = per channel"),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="symmetric or asymmetric weights"),
     clip: Optional[str] = typer.Option(None, "--clip", help="weight clipping search: none | mse | octav (default from the recipe)"),
@@ -80,7 +84,9 @@ def compress(
     if prune_ratio is not None:
         overrides.setdefault("udfc", {})["prune_ratio"] = prune_ratio
     onnx = fmt == "onnx"
-    opts = CompressOptions(model=model, out=str(out) if out is not None else None, recipe=recipe, bits=bits,
+    opts = CompressOptions(model=model, out=str(out) if out is not None else None, recipe=recipe,
+                           bits=None if bits is None else int(bits) if bits.is_integer() and bit_widths is None
+                           else bits, bit_widths=bit_widths,
                            group_size=group_size, sym=sym, clip=clip, act_bits=act_bits,
                            format=None if onnx else fmt, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                            device=device, dtype=dtype, eval_text=eval_text, eval_windows=eval_windows, bos=bos,

@@ -40,7 +40,8 @@ class CompressOptions:
     model: str
     out: str | None = None  # None: `default_out_dir` (in the working directory)
     recipe: str = "gptq"
-    bits: int | None = None
+    bits: float | None = None  # a non-integer average (3.5) = mixed precision (ptq.mixed_precision)
+    bit_widths: str | None = None  # mixed precision: allowed widths, e.g. "2,3,4,8" (default)
     group_size: int | None = None
     sym: bool | None = None
     clip: str | None = None  # none | mse | octav
@@ -75,7 +76,8 @@ def default_out_dir(opts: CompressOptions, recipe: Recipe | None = None) -> Path
     d = recipe.defaults
     model = Path(opts.model.rstrip("/")).name or "model"
     rname = re.sub(r"[^A-Za-z0-9._-]", "", recipe.name.replace("+", "plus")) or "recipe"
-    name = f"{model}-{rname}-w{'fp' if opts.bits == 16 else d.bits}"
+    mixed = mixed_target(opts)
+    name = f"{model}-{rname}-w{'fp' if opts.bits == 16 else f'{mixed[0]:g}' if mixed else d.bits}"
     if d.act_bits is not None:
         name += f"a{d.act_bits}"
     if d.group_size != base.group_size:
@@ -98,17 +100,57 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def mixed_target(opts: CompressOptions) -> tuple[float, tuple[int, ...]] | None:
+    """``(average bits, allowed widths)`` when the request asks for mixed precision (a non-integer ``--bits``,
+    or ``--bit-widths``), else None; UsageError when they do not fit together."""
+    from ptq.mixed_precision import MixedPrecisionError, check_target, parse_widths
+
+    if opts.bits is None:
+        if opts.bit_widths is not None:
+            raise UsageError("--bit-widths needs an average --bits (e.g. --bits 3.5)")
+        return None
+    if float(opts.bits).is_integer() and opts.bit_widths is None:
+        return None
+    try:
+        widths = parse_widths(opts.bit_widths)
+        check_target(float(opts.bits), widths)
+    except MixedPrecisionError as e:
+        raise UsageError(str(e)) from e
+    return float(opts.bits), widths
+
+
+def check_mixed(recipe: Recipe) -> None:
+    """Mixed precision needs every weight-quantizing pass to read per-linear widths (`Pass.mixed_bits`)."""
+    bad = [n for n, _ in recipe.passes if get_pass_class(n).quantizes_weights and not get_pass_class(n).mixed_bits]
+    if bad:
+        raise UsageError(f"--bits with a fractional average (mixed precision) is not supported by pass(es) "
+                         f"{', '.join(bad)}; use recipe gptq or rtn, or an integer --bits")
+    if not any(get_pass_class(n).quantizes_weights for n, _ in recipe.passes):
+        raise UsageError(f"recipe {recipe.name!r} quantizes no weights; mixed precision (--bits average) needs "
+                         "gptq or rtn")
+    if recipe.defaults.act_bits is not None:
+        raise UsageError("mixed precision (--bits average) is weight-only; drop --act-bits")
+
+
 def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
-    """Recipe with CLI overrides applied; raises UsageError on anything out of range."""
+    """Recipe with CLI overrides applied; raises UsageError on anything out of range. With mixed precision
+    (`mixed_target`) the spec's bits are the largest allowed width not above the average."""
+    from ptq.mixed_precision import base_width
+
     try:
         recipe = load_recipe(opts.recipe)
     except ValueError as e:
         raise UsageError(str(e)) from e
     d = recipe.defaults
+    mixed = mixed_target(opts)
     for k in ("bits", "group_size", "sym", "clip", "act_bits", "format"):
         v = getattr(opts, k)
+        if k == "bits" and v is not None:
+            v = base_width(*mixed) if mixed else int(v)
         if v is not None:
             setattr(d, k, v)
+    if mixed:
+        check_mixed(recipe)
     c = recipe.calibration
     for k in ("nsamples", "seqlen", "seed"):
         v = getattr(opts, k)
@@ -175,18 +217,27 @@ def check_store_options(opts: CompressOptions, writer_cls, fmt: str) -> None:
 MIN_DAMP_FEW_TOKENS = 0.1  # damping used when the calibration set has fewer unique tokens than a linear's width
 
 
-def check_calibration(calib_ids: torch.Tensor, config, recipe: Recipe) -> dict:
+def check_calibration(calib_ids: torch.Tensor, config, recipe: Recipe, sampling: dict | None = None) -> dict:
     """Warn when the calibration windows repeat text or hold fewer unique tokens than the widest linear input
     (its Hessian is then rank-deficient); in that case raise Hessian damping to ``MIN_DAMP_FEW_TOKENS`` in every
-    pass that has a ``damp`` option. Returns what was found and done (recorded in report.json)."""
+    pass that has a ``damp`` option. ``sampling``: what `calib.data.sample_windows` did (text tokens, distinct
+    and overlapping windows). Returns what was found and done (recorded in report.json)."""
     from calib.data import calibration_coverage
 
     cov = calibration_coverage(calib_ids)
+    cov.update(sampling or {})
     widths = [getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "ffn_dim")]
     width = max(w for w in widths if isinstance(w, int))
     cov["widest_linear_input"] = width
     cov["warnings"] = []
-    if cov["reuse"] > 1.05:
+    n, seqlen = calib_ids.shape
+    if cov.get("overlapping_windows"):
+        cov["warnings"].append(f"the calibration text has {cov['text_tokens']} tokens, fewer than --nsamples {n} x "
+                               f"--seqlen {seqlen}: used its {cov['distinct_windows']} non-overlapping windows once "
+                               f"each and drew the other {cov['overlapping_windows']} at random offsets, overlapping "
+                               f"them (each token used ~{cov['reuse']:.1f}x); give more text (--calib) or use "
+                               f"--nsamples {cov['distinct_windows']}")
+    elif cov["reuse"] > 1.05:
         cov["warnings"].append(f"calibration windows overlap: {cov['tokens']} tokens drawn from ~{cov['unique_tokens']} "
                                f"distinct ones (each used ~{cov['reuse']:.1f}x); give more text (--calib) or fewer "
                                "--nsamples")
@@ -333,17 +384,19 @@ def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
             check_finite(f"{path}.{name}", p.data)
     sm.source = FiniteSource(sm.source)
     calib_ids, calib_check = None, None
-    if recipe.needs_calibration:
+    mixed = mixed_target(opts)
+    if recipe.needs_calibration or mixed:  # mixed precision scores every linear on the calibration set
         from calib.data import CalibrationError, load_calibration
 
         try:
             tok = tokenizer_for(sm.folder, opts.trust_remote_code)
             c = recipe.calibration
             with clock("load"):
-                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos)
+                sampling: dict = {}
+                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos, sampling)
         except (CalibrationError, ModelInputError) as e:
             raise UsageError(str(e)) from e
-        calib_check = check_calibration(calib_ids, sm.config, recipe)
+        calib_check = check_calibration(calib_ids, sm.config, recipe, sampling)
     if opts.eval_text:  # checked now, not after an hour of compression
         from calib.data import read_text, resolve_bos, tokenize
         from ptq.eval.metrics import eval_windows
@@ -364,8 +417,13 @@ def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
         raise UsageError(str(e)) from e
     check_store_options(opts, writer_cls, recipe.defaults.format)
     passes = build_passes(recipe, spec, recipe.defaults)
+    plan = None
+    if mixed:
+        plan = mixed_plan(sm, calib_ids, spec, mixed, recipe.defaults.format, progress, clock)
     info = run_info(opts, recipe, spec, sm, calib_ids)
-    fp = fingerprint({k: info[k] for k in ("model_fingerprint", "recipe", "spec", "format", "dtype", "calibration")}
+    info["mixed_precision"] = plan.manifest() if plan else None
+    fp = fingerprint({k: info[k] for k in ("model_fingerprint", "recipe", "spec", "format", "dtype", "calibration",
+                                           "mixed_precision")}
                      | {"device": opts.device, "ptq": ptq_version(), "store_dtype": opts.store_dtype,
                         "embed_bits": opts.embed_bits})
 
@@ -381,7 +439,7 @@ def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
         raise UsageError(f"cannot lock {out}: {e.strerror}; choose another --out") from e
     try:
         return _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                           progress, clock, calib_check, on_layer)
+                           progress, clock, calib_check, on_layer, plan)
     except UsageError:
         if not partial_dir(out).exists():  # refused before anything was written (a kept partial stays)
             _remove_created(created)
@@ -390,8 +448,26 @@ def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
         lock.release()
 
 
+def mixed_plan(sm, calib_ids, spec, mixed, fmt, progress, clock):
+    """Score every linear and allocate widths (ptq.mixed_precision); says what it chose on stderr."""
+    from ptq.mixed_precision import plan_mixed
+
+    with clock("mixed precision scoring"):
+        plan = plan_mixed(sm, calib_ids, spec, mixed[0], mixed[1],
+                          progress=(lambda i, n: progress(i, n, "mixed-precision score")) if progress else None)
+    m = plan.manifest()
+    hist = ", ".join(f"{k}-bit: {v}" for k, v in sorted(m["modules_per_width"].items(), key=lambda kv: int(kv[0])))
+    print(f"ptq: mixed precision: average {m['average_bits']:.4f} bits (target {mixed[0]:g}) over "
+          f"{len(plan.bits)} linears ({hist})", file=sys.stderr)
+    if fmt == "gptq":
+        print("ptq: note: per-module bits are written as GPTQModel `dynamic` overrides, which GPTQModel and vLLM "
+              "read; transformers' own GPTQ loader (optimum) ignores them: for transformers use --format "
+              "compressed-tensors", file=sys.stderr)
+    return plan
+
+
 def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
-                progress, clock, calib_check, on_layer=None) -> dict:
+                progress, clock, calib_check, on_layer=None, plan=None) -> dict:
     """The part of `compress` that runs while holding the output lock (ptq.outlock)."""
     if out.exists() and not opts.force:  # another run finished it while we were validating
         raise UsageError(f"output folder {out} already exists; pass --force to replace it")
@@ -441,13 +517,14 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
                 on_layer(i, n_layers)
 
         loop = compress_loop(sm, passes, calib_ids, spec, writer, progress=progress, start_layer=start,
-                             on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore, clock=clock)
+                             on_layer_done=on_layer_done, layer_stats=stats, restore_batches=restore, clock=clock,
+                             module_bits=plan.bits if plan else None)
         with clock("write"):
             writer.write_nonlayer()
             writer.finalize(loop.artifacts)
             write_manifest(tmp, build_manifest(tmp, layers=loop.layer_stats, **{k: info[k] for k in (
                 "recipe", "spec", "format", "dtype", "model_name", "model_fingerprint", "calibration")},
-                model_identity=info["model_identity"]))
+                model_identity=info["model_identity"], mixed_precision=info["mixed_precision"]))
         t_compress = time.time() - t0
         report = {
             "recipe": recipe.name, "spec": dataclasses.asdict(spec),
@@ -455,6 +532,7 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
             "passes": [{"name": n, **dataclasses.asdict(o)} for n, o in recipe.passes],
             "calibration": dataclasses.asdict(recipe.calibration) if calib_ids is not None else None,
             "calibration_check": calib_check,
+            "mixed_precision": plan.report() if plan else None,
             "resumed_from_layer": start if resume_state is not None else None,
             "compress_seconds": round(t_compress, 2),
             "size_before_bytes": dir_size(sm.folder) if sm.folder else None,
@@ -525,9 +603,10 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
 def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
                   dtype: str = "float32", progress=None, bos: bool | None = None) -> dict:
     """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer;
-    ``progress(i, n)`` after each layer of each model. ``bos``: BOS before each window (None: the tokenizer's
-    own setting); the result says which (``bos``, ``bos_source``)."""
-    from calib.data import bos_note, read_text, resolve_bos, tokenize
+    ``progress(i, n)`` after each layer of each model. ``bos``: BOS before each window (None: the BOS choice
+    ``model`` was calibrated with if its run overrode the tokenizer, else the tokenizer's own setting,
+    `calib.data.eval_bos`); the result says which (``bos``, ``bos_source``)."""
+    from calib.data import eval_bos, read_text, resolve_bos, tokenize
     from ptq.eval.metrics import eval_windows, stream_metrics
 
     from ptq.validate import check_gate_inputs
@@ -545,10 +624,10 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
     raw = read_text(text)
     tok = tokenizer_for(sm.folder)
+    bos, note = eval_bos(sm.folder, tok, bos)
     bos_id = resolve_bos(tok, bos)
     windows = eval_windows(tokenize(raw, tok), seqlen, max_windows, bos_id)
     ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows, bos_id) if ref else None
     check_gate_inputs(sm, ref, None, windows, ref_w, allow_other=True)  # same architecture and tokenizer
-    note = bos_note(tok, bos)
     return {**stream_metrics(sm, windows, ref, progress=progress).to_dict(), "bos": note["bos"],
             "bos_source": note["source"]}

@@ -55,10 +55,11 @@ def file_table(folder: Path) -> dict[str, dict]:
 
 def build_manifest(folder: Path, *, recipe: dict, spec: dict, format: str, dtype: str, model_name: str,
                    model_fingerprint: str, calibration: dict | None, layers: list[dict],
-                   model_identity: dict | None = None) -> dict:
+                   model_identity: dict | None = None, mixed_precision: dict | None = None) -> dict:
     """``model_identity``: architecture/shape fields and ``fingerprint_kind`` of the source model, which
-    `ptq gate` checks its baseline against (ptq.validate.check_gate_inputs)."""
-    return {
+    `ptq gate` checks its baseline against (ptq.validate.check_gate_inputs). ``mixed_precision``: the bits
+    chosen per linear (ptq.mixed_precision.MixedPlan.manifest), only for mixed-precision runs."""
+    m = {
         "schema": SCHEMA,
         "ptq_version": ptq_version(),
         "versions": library_versions(),
@@ -72,6 +73,9 @@ def build_manifest(folder: Path, *, recipe: dict, spec: dict, format: str, dtype
         "layers": layers,
         "files": file_table(folder),
     }
+    if mixed_precision is not None:
+        m["mixed_precision"] = mixed_precision
+    return m
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:

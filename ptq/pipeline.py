@@ -14,6 +14,7 @@ layer runs; every loop (calibration, streamed eval/gate, resume) goes through it
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -179,6 +180,14 @@ class LayerContext:
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)  # full module path -> codes
     stats: dict = field(default_factory=dict)  # per-layer numbers for the report
     extra: dict = field(default_factory=dict)  # full tensor name -> fp tensor to export as-is
+    module_bits: dict[str, int] = field(default_factory=dict)  # full module path -> bits (mixed precision)
+
+    def spec_for(self, name: str, base: QuantSpec | None = None) -> QuantSpec:
+        """The weight spec of linear ``name`` (relative to the layer): ``base`` (default: the run's spec) with
+        the bits mixed precision chose for it (ptq.mixed_precision), if any."""
+        base = base if base is not None else self.spec
+        b = self.module_bits.get(self.prefix + name)
+        return base if b is None or b == base.bits else dataclasses.replace(base, bits=b)
 
     def module(self, name: str) -> nn.Module:
         return get_module(self.layer, name)
@@ -231,6 +240,7 @@ class Pass:
     name = "pass"
     needs_calibration = True
     quantizes_weights = False  # True for passes that produce QuantizedWeight codes
+    mixed_bits = False  # True for weight passes that quantize each linear at `LayerContext.spec_for` (mixed precision)
 
     @dataclass
     class Options:
@@ -264,13 +274,15 @@ def compress_loop(sm: StreamingModel, passes: list[Pass], calib_ids: torch.Tenso
                   on_layer_done: Callable[[int, list[Batch]], None] | None = None,
                   batch_size: int = 1, layer_stats: list[dict] | None = None,
                   restore_batches: Callable[[list[Batch]], list[Batch]] | None = None,
-                  clock: StageClock | None = None) -> LoopResult:
+                  clock: StageClock | None = None, module_bits: dict[str, int] | None = None) -> LoopResult:
     """Compress ``sm`` in place layer by layer. ``writer.write_layer(prefix, layer, ctx)`` receives each
     finished layer before it is freed. ``start_layer``/``batches`` resume an interrupted run;
     ``layer_stats`` (stats of the layers already done) is extended in place, so ``on_layer_done`` can read
     the finished layer's stats as ``layer_stats[-1]``. ``restore_batches`` maps the freshly captured layer-0
     inputs (after the passes' setup) to the saved inputs of ``start_layer`` (see ptq.resume). ``clock`` sums
-    the time of each stage (setup, calibration capture, layer load, each pass, layer forward, write, ...)."""
+    the time of each stage (setup, calibration capture, layer load, each pass, layer forward, write, ...).
+    ``module_bits`` (full module path -> bits) overrides the spec's bits per linear (mixed precision; passes
+    read it through `LayerContext.spec_for`)."""
     clock = clock if clock is not None else StageClock()
     with clock("setup"):
         for p in passes:
@@ -286,7 +298,8 @@ def compress_loop(sm: StreamingModel, passes: list[Pass], calib_ids: torch.Tenso
         batches = for_layer(batches, i)
         with clock("layer load"):
             layer = sm.load_layer(i)
-        ctx = LayerContext(i, layer, sm.layer_prefix(i), sm.lmap, sm.config, batches, spec)
+        ctx = LayerContext(i, layer, sm.layer_prefix(i), sm.lmap, sm.config, batches, spec,
+                           module_bits=module_bits or {})
         for p in passes:
             if progress:
                 progress(i, n, p.name)

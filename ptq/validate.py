@@ -197,7 +197,9 @@ def check_compress_options(opts, recipe) -> None:
         raise UsageError(f"--seqlen must be >= 2, got {opts.seqlen}")
     if opts.seed is not None and opts.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {opts.seed}")
-    if not recipe.needs_calibration and opts.calib is not None:
+    mixed = getattr(opts, "bits", None) is not None and (not float(opts.bits).is_integer()
+                                                         or getattr(opts, "bit_widths", None) is not None)
+    if not recipe.needs_calibration and opts.calib is not None and not mixed:
         raise UsageError(f"recipe {recipe.name!r} reads no calibration data; --calib would be ignored. Drop it "
                          "or choose a calibrated recipe (e.g. gptq)")
     if opts.act_bits is not None and not any(n in ACT_BITS_PASSES for n in names):

@@ -186,11 +186,16 @@ class QuantizedSource:
     def _unpack(self, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
         raise NotImplementedError
 
+    def _unpack_module(self, module_path: str, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """`_unpack` for module ``module_path`` (formats whose scheme varies per module override this)."""
+        return self._unpack(parts)
+
     def qweight(self, module_path: str) -> QuantizedWeight | None:
         if module_path not in self.qpaths:
             return None
-        return self._unpack({part: self.src.get(f"{module_path}.{part}") for part in self.PARTS
-                             if f"{module_path}.{part}" in self._all})
+        parts = {part: self.src.get(f"{module_path}.{part}") for part in self.PARTS
+                 if f"{module_path}.{part}" in self._all}
+        return self._unpack_module(module_path, parts)
 
     def get(self, name):
         if name.endswith(".weight") and name[: -len(".weight")] in self.qpaths:

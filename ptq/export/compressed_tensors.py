@@ -37,6 +37,8 @@ Refused with a clear error: OS+ explicit input shifts (``shift: on``; no such fi
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ptq.export.base import CheckpointWriter, QuantizedSource
@@ -125,7 +127,7 @@ class CTWriter(QuantConfigMixin, CheckpointWriter):
         self.weight_format = "pack-quantized"
 
     def linear_tensors(self, path, qw, bias):
-        self._note(qw)
+        self._note(qw, path)
         enc = int_ct if self.weight_format == "int-quantized" else pack_ct
         out = {f"{path}.{k}": v for k, v in enc(qw, self.dtype).items()}
         if bias is not None:
@@ -182,16 +184,27 @@ class CTWriter(QuantConfigMixin, CheckpointWriter):
         s = self._summary()
         gs = s["gs"]
         fmt = self.weight_format
-        weights = {"num_bits": s["bits"], "type": "int", "symmetric": s["sym"],
-                   "strategy": "channel" if gs == -1 else "group", "group_size": None if gs == -1 else gs,
-                   "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
+
+        def weights(bits):
+            return {"num_bits": bits, "type": "int", "symmetric": s["sym"],
+                    "strategy": "channel" if gs == -1 else "group", "group_size": None if gs == -1 else gs,
+                    "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
+
         acts = None if self.act is None else act_args(**self.act)
-        groups = {"group_0": {"targets": ["Linear"], "format": fmt, "weights": weights,
+        groups = {"group_0": {"targets": ["Linear"], "format": fmt, "weights": weights(s["bits"]),
                               "input_activations": acts, "output_activations": None}}
         fp_inputs = sorted(self.act_fp) if acts is not None else []
+        if fp_inputs and s["module_bits"]:
+            raise ValueError("compressed-tensors: mixed weight widths with activation quantization are not supported")
         if fp_inputs:  # exact names outrank the class target: weight-only scheme for these
-            groups["group_1"] = {"targets": fp_inputs, "format": fmt, "weights": weights,
+            groups["group_1"] = {"targets": fp_inputs, "format": fmt, "weights": weights(s["bits"]),
                                  "input_activations": None, "output_activations": None}
+        by_bits: dict[int, list[str]] = {}
+        for path, b in s["module_bits"].items():  # mixed precision: one group per other width, exact names
+            by_bits.setdefault(b, []).append(path)
+        for b in sorted(by_bits):
+            groups[f"group_{len(groups)}"] = {"targets": sorted(by_bits[b]), "format": fmt, "weights": weights(b),
+                                              "input_activations": acts, "output_activations": None}
         return {
             "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
             "config_groups": groups,
@@ -213,25 +226,45 @@ class CTSource(QuantizedSource, WeightSource):
         if fmt not in FORMATS:
             raise ValueError(f"readable compressed-tensors formats: {', '.join(FORMATS)}; got {fmt!r}")
         groups = list(qc.get("config_groups", {}).values())
-        if not groups or any(not g.get("weights") or g["weights"] != groups[0]["weights"] for g in groups):
-            raise ValueError("expected config groups that all quantize weights with one scheme")
-        w = groups[0]["weights"]
-        if w.get("type", "int") != "int" or w.get("actorder") not in (None, "weight"):
-            raise ValueError(f"unsupported compressed-tensors weight scheme {w}")
-        self.bits = int(w["num_bits"])
-        self.group_size = w.get("group_size") if w.get("strategy") == "group" else None
+        if not groups or any(not g.get("weights") for g in groups):
+            raise ValueError("expected config groups that all quantize weights")
+        self.schemes: list[tuple[list[str], int, int | None]] = []  # (targets, bits, group size) per group
+        for g in groups:
+            w = g["weights"]
+            if w.get("type", "int") != "int" or w.get("actorder") not in (None, "weight"):
+                raise ValueError(f"unsupported compressed-tensors weight scheme {w}")
+            self.schemes.append((list(g.get("targets") or []), int(w["num_bits"]),
+                                 w.get("group_size") if w.get("strategy") == "group" else None))
+        self.bits, self.group_size = self.schemes[0][1], self.schemes[0][2]
         self.int_format = fmt == "int-quantized"
         if self.int_format:
             self.PARTS = CT_INT_PARTS
         self._index(source)
 
+    def module_scheme(self, path: str) -> tuple[int, int | None]:
+        """``(bits, group_size)`` of module ``path``, matched as compressed-tensors does: an exact-name target
+        first, then a ``re:`` target, then a class target (every quantized module here is a Linear)."""
+        for kind in ("exact", "re", "class"):
+            for targets, bits, gs in self.schemes:
+                for t in targets:
+                    hit = (t == path if kind == "exact" else
+                           t.startswith("re:") and re.match(t[3:], path) is not None if kind == "re" else
+                           not t.startswith("re:") and "." not in t)
+                    if hit:
+                        return bits, gs
+        return self.bits, self.group_size
+
     def _unpack(self, t: dict) -> QuantizedWeight:
+        return self._unpack_module("", t)
+
+    def _unpack_module(self, module_path: str, t: dict) -> QuantizedWeight:
+        bits, group_size = self.module_scheme(module_path) if module_path else (self.bits, self.group_size)
         if not self.int_format:
-            return unpack_ct(t, self.bits, self.group_size)
-        half = 2 ** (self.bits - 1)
+            return unpack_ct(t, bits, group_size)
+        half = 2 ** (bits - 1)
         codes = (t["weight"].to(torch.int16) + half).to(torch.uint8)
         n, k = codes.shape
         zero = None if t.get("weight_zero_point") is None else (t["weight_zero_point"].float() + half)
-        gs = k if self.group_size in (None, -1) else self.group_size
-        return QuantizedWeight(codes, t["weight_scale"].float().contiguous(), zero, self.bits, gs,
+        gs = k if group_size in (None, -1) else group_size
+        return QuantizedWeight(codes, t["weight_scale"].float().contiguous(), zero, bits, gs,
                                default_g_idx(k, gs))

@@ -19,6 +19,8 @@ the fp16 rounding of the scales; codes, zero points and g_idx are exact.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ptq.export.base import CheckpointWriter, QuantizedSource
@@ -69,36 +71,63 @@ def unpack_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: boo
 
 
 class QuantConfigMixin:
-    """Collects bits / group size / sym / act-order / pass metadata over every written QuantizedWeight."""
+    """Collects bits / group size / sym / act-order / pass metadata over every written QuantizedWeight. Group
+    size and symmetry must be uniform; bits may differ per linear (mixed precision, ptq.mixed_precision): the
+    most common width is the config's base ``bits`` and `_summary` lists the others per module path."""
 
-    def _note(self, qw: QuantizedWeight) -> None:
+    def _note(self, qw: QuantizedWeight, path: str | None = None) -> None:
         seen = getattr(self, "_seen", None)
         if seen is None:
-            seen = self._seen = {"bits": set(), "sym": set(), "gs": set(), "act_order": False, "meta": {}}
+            seen = self._seen = {"bits": {}, "sym": set(), "gs": set(), "act_order": False, "meta": {}}
         n, k = qw.shape
         spec = self.spec
         if spec is not None and qw.group_size != spec.gsize(k):
             raise ValueError(f"{self.format_name}: weight has group size {qw.group_size}, the recipe says "
                              f"{spec.group_size}")
-        seen["bits"].add(qw.bits)
+        seen["bits"][path if path is not None else len(seen["bits"])] = qw.bits
         seen["sym"].add(qw.sym)
         seen["gs"].add(spec.group_size if spec is not None else qw.group_size)
         seen["act_order"] |= qw.act_order
         for key, v in qw.meta.items():
             if isinstance(v, (int, float, bool, str)):
                 seen["meta"].setdefault(key, v)
-        if len(seen["bits"]) > 1 or len(seen["sym"]) > 1 or len(seen["gs"]) > 1:
-            raise ValueError(f"{self.format_name}: mixed bits/group size/symmetry across layers "
-                             f"({seen['bits']}, {seen['gs']}, sym {seen['sym']}) cannot be described by one "
+        if len(seen["sym"]) > 1 or len(seen["gs"]) > 1:
+            raise ValueError(f"{self.format_name}: mixed group size/symmetry across layers "
+                             f"({seen['gs']}, sym {seen['sym']}) cannot be described by one "
                              "quantization_config; use --format fp or onnx")
 
     def _summary(self) -> dict:
+        """``bits`` (base: the most common width, ties to the smaller), ``module_bits`` {path: bits} for the
+        linears at another width, ``sym``, ``gs``, ``act_order``, ``meta``."""
         seen = getattr(self, "_seen", None)
         if seen is None:  # nothing quantized: describe the spec
             s = self.spec
-            return {"bits": s.bits, "sym": s.sym, "gs": s.group_size, "act_order": False, "meta": {}}
-        return {"bits": next(iter(seen["bits"])), "sym": next(iter(seen["sym"])), "gs": next(iter(seen["gs"])),
-                "act_order": seen["act_order"], "meta": seen["meta"]}
+            return {"bits": s.bits, "module_bits": {}, "sym": s.sym, "gs": s.group_size, "act_order": False,
+                    "meta": {}}
+        counts: dict[int, int] = {}
+        for b in seen["bits"].values():
+            counts[b] = counts.get(b, 0) + 1
+        base = min(counts, key=lambda b: (-counts[b], b))
+        others = {p: b for p, b in seen["bits"].items() if b != base}
+        return {"bits": base, "module_bits": dict(sorted(others.items())), "sym": next(iter(seen["sym"])),
+                "gs": next(iter(seen["gs"])), "act_order": seen["act_order"], "meta": seen["meta"]}
+
+
+def dynamic_key(path: str) -> str:
+    """GPTQModel ``dynamic`` key for exactly module ``path``: ``+:`` (override) and the escaped name (a regex
+    matched from the start, as GPTQModel / vLLM do), anchored at the end."""
+    return "+:" + re.escape(path) + "$"
+
+
+def dynamic_override(dynamic: dict | None, path: str) -> dict | bool | None:
+    """What a ``dynamic`` mapping says for module ``path``, as GPTQModel resolves it: the first key (in order)
+    whose pattern matches the name from its start; ``-:`` keys mean "not quantized" (False); None = no key."""
+    for key, over in (dynamic or {}).items():
+        neg = key.startswith("-:")
+        pat = key[2:] if key.startswith(("+:", "-:")) else key
+        if re.match(pat, path):
+            return False if neg else dict(over)
+    return None
 
 
 class GPTQWriter(QuantConfigMixin, CheckpointWriter):
@@ -110,7 +139,7 @@ class GPTQWriter(QuantConfigMixin, CheckpointWriter):
         return qw.sym
 
     def linear_tensors(self, path, qw, bias):
-        self._note(qw)
+        self._note(qw, path)
         out = {f"{path}.{k}": v for k, v in pack_gptq(qw, self._v1(qw)).items()}
         if bias is not None:
             out[f"{path}.bias"] = self.cast(f"{path}.bias", bias)
@@ -125,6 +154,8 @@ class GPTQWriter(QuantConfigMixin, CheckpointWriter):
             "sym": s["sym"], "checkpoint_format": fmt, "format": fmt, "lm_head": False,
             "meta": {"quantizer": ["ptq:0.1.0"], "recipe": self.meta.get("recipe")},
         }
+        if s["module_bits"]:  # mixed precision: GPTQModel's per-module overrides (first matching key wins)
+            qc["dynamic"] = {dynamic_key(p): {"bits": b, "group_size": s["gs"]} for p, b in s["module_bits"].items()}
         # GPTQ-algorithm keys only when the GPTQ pass ran, with the recipe's values (RTN / NUPES weights have
         # no damping or group mode to describe). desc_act describes the stored g_idx (non-trivial = act-order
         # groups); with static groups GPTQ runs in act-order but g_idx stays k // g, so desc_act is false.
@@ -152,10 +183,20 @@ class GPTQSource(QuantizedSource, WeightSource):
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"unsupported GPTQ checkpoint_format {fmt!r} (expected gptq or gptq_v2)")
         self.v1 = fmt == "gptq"
+        self.dynamic = qc.get("dynamic") or {}
         self._index(source)
 
+    def module_scheme(self, path: str) -> tuple[int, int]:
+        """``(bits, group_size)`` of module ``path``: the base config, or its ``dynamic`` override."""
+        over = dynamic_override(self.dynamic, path) or {}
+        return int(over.get("bits", self.bits)), int(over.get("group_size", self.group_size))
+
     def _unpack(self, t: dict) -> QuantizedWeight:
+        return self._unpack_module("", t)
+
+    def _unpack_module(self, module_path: str, t: dict) -> QuantizedWeight:
+        bits, gs = self.module_scheme(module_path) if module_path else (self.bits, self.group_size)
         if "g_idx" not in t:  # old AutoGPTQ checkpoints without desc_act omit it: contiguous groups
-            k = t["qweight"].shape[0] * 32 // self.bits
-            t["g_idx"] = default_g_idx(k, k if self.group_size == -1 else self.group_size)
-        return unpack_gptq(t, self.bits, self.group_size, self.sym, self.v1)
+            k = t["qweight"].shape[0] * 32 // bits
+            t["g_idx"] = default_g_idx(k, k if gs == -1 else gs)
+        return unpack_gptq(t, bits, gs, self.sym, self.v1)

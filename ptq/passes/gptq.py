@@ -147,6 +147,7 @@ class GPTQPass(Pass):
     name = "gptq"
     needs_calibration = True
     quantizes_weights = True
+    mixed_bits = True  # reads per-linear widths (ctx.spec_for)
 
     @dataclass
     class Options:
@@ -213,15 +214,15 @@ class GPTQPass(Pass):
                 fallback = hs[n].n < o.min_tokens
                 moe.note_expert(ctx, n, hs[n].n, fallback)
                 if fallback:  # too few tokens for a meaningful Hessian (e.g. an MoE expert the router starves)
-                    qw = QuantizedWeight.from_float(lin.weight.data, self.spec)
+                    qw = QuantizedWeight.from_float(lin.weight.data, ctx.spec_for(n, self.spec))
                     deq = qw.dequantize()
                     ctx.stats[f"{n}.wmse"] = float((deq - lin.weight.data.float()).pow(2).mean())
                     lin.weight.data = deq.to(lin.weight.dtype)
                     ctx.qweights[ctx.prefix + n] = qw
                     del hs[n]
                     continue
-                qw, info = gptq_quantize(lin.weight.data, hs[n].H, self.spec, o.block_size, o.damp,
-                                         o.act_order, o.static_groups, return_updated=self.keep_updated)
+                qw, info = gptq_quantize(lin.weight.data, hs[n].H, ctx.spec_for(n, self.spec), o.block_size,
+                                         o.damp, o.act_order, o.static_groups, return_updated=self.keep_updated)
                 if self.keep_updated:
                     self.updated = getattr(self, "updated", {})
                     self.updated[n] = info["updated"]

@@ -16,6 +16,7 @@ class RTNPass(Pass):
     name = "rtn"
     needs_calibration = False
     quantizes_weights = True
+    mixed_bits = True  # reads per-linear widths (ctx.spec_for)
 
     @dataclass
     class Options:
@@ -26,7 +27,7 @@ class RTNPass(Pass):
         for name in ctx.linears():
             lin = ctx.module(name)
             w = lin.weight.data
-            qw = QuantizedWeight.from_float(w, self.spec)
+            qw = QuantizedWeight.from_float(w, ctx.spec_for(name, self.spec))
             deq = qw.dequantize()
             ctx.stats[f"{name}.wmse"] = float((deq - w.float()).pow(2).mean())
             lin.weight.data = deq.to(w.dtype)
