@@ -211,6 +211,48 @@ def udfc_minilm():
     return ["bits", "prune", "none", "pair", "lstsq"], body
 
 
+@renderer("udfc_smollm2")
+def udfc_smollm2():
+    """bench/udfc_smollm2.py (docs/udfc.md): wikitext-2 perplexity per pruning ratio x bits and reconstruction;
+    auto = the closed form with the lower held-in (Austen) perplexity, its choice in brackets; best in bold."""
+    rs = rows("udfc_smollm2")
+    by = latest([r for r in rs if r["mode"] != "fp32"], "bits", "prune", "mode")
+    fp = [r for r in rs if r["mode"] == "fp32"][-1]
+    modes = ["none", "merge", "pair", "lstsq"]
+    body = [["fp32", "0 %", "", f2(fp["ppl"]), "", "", "", ""]]
+    for bits, prune in sorted({(k[0], k[1]) for k in by}):
+        cells = {m: by[(bits, prune, m)]["ppl"] for m in modes if (bits, prune, m) in by}
+        best = min(cells.values())
+        fmt = lambda m: "" if m not in cells else (  # noqa: E731
+            f"**{cells[m]:.2f}**" if len(cells) > 1 and cells[m] == best else f"{cells[m]:.2f}")
+        auto = by.get((bits, prune, "auto"))
+        inter = next(r for (b, p_, _m), r in by.items() if (b, p_) == (bits, prune)).get("intermediate", "")
+        body.append([str(bits), f"{100 * prune:.0f} %", str(inter)] + [fmt(m) for m in modes]
+                    + ["" if auto is None else f"{auto['ppl']:.2f} ({auto['chosen']})"])
+    return ["bits", "prune", "I", "none", "merge (baseline)", "pair", "lstsq", "auto (held-in choice)"], body
+
+
+@renderer("nupes_smollm2")
+def nupes_smollm2():
+    """bench/nupes_smollm2.py (docs/nupes.md): wikitext-2 perplexity per method x setting; best in bold."""
+    rs = rows("nupes_smollm2")
+    by = latest([r for r in rs if r["method"] != "fp"], "method", "config")
+    fp = [r for r in rs if r["method"] == "fp"][-1]
+    cfgs = [c for c in ("w3pc", "w4pc", "w3g64", "w4g64") if any(k[1] == c for k in by)]
+    names = {"rtn-sym": "RTN symmetric", "rtn": "RTN asymmetric", "gptq-sym": "GPTQ symmetric",
+             "gptq": "GPTQ asymmetric", "nupes-df": "NUPES data-free", "nupes": "NUPES data-driven"}
+    best = {c: min(r["ppl"] for (m, c_), r in by.items() if c_ == c) for c in cfgs}
+    body = [["fp32"] + [f2(fp["ppl"])] * len(cfgs)]
+    for m in names:
+        if not any(k[0] == m for k in by):
+            continue
+        cell = lambda c: "" if (m, c) not in by else (  # noqa: E731
+            f"**{by[(m, c)]['ppl']:.2f}**" if by[(m, c)]["ppl"] == best[c] else f"{by[(m, c)]['ppl']:.2f}")
+        body.append([names[m]] + [cell(c) for c in cfgs])
+    labels = {"w3pc": "W3 per channel", "w4pc": "W4 per channel", "w3g64": "W3 g64", "w4g64": "W4 g64"}
+    return ["method"] + [labels[c] for c in cfgs], body
+
+
 @renderer("gate_smollm2")
 def gate_smollm2():
     """bench/gate_smollm2.py (docs/ci.md): exact gate metrics vs the stored-baseline mode (top-k KL lower bound)."""
