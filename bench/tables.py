@@ -173,25 +173,28 @@ def osplus_speed():
     return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], body
 
 
-CSKV_SUMMARY = ["dense fp16 KV", "k0.375/v1.0 4-bit asvd", "k0.25/v1.0 4-bit asvd", "k0.5/v0.5 4-bit asvd+fit"]
+CSKV_SUMMARY = [("1:1:4:4:id", 32), ("1:1:3:3:id", 32), ("1:1:2:2:id", 32), ("0.5:1:3:3:asvd", 32)]
 
 
 @renderer("cskv_summary")
 def cskv_summary():
-    """bench/cskv_smollm2.py: KV-cache bytes per token and perplexity (40 windows) for the headline configs."""
-    by = latest(rows("cskv_smollm2"), "config")
-    dense = by[("dense fp16 KV",)]
-    body = []
-    for c in CSKV_SUMMARY:
-        r = by.get((c,))
-        if r is None:
-            continue
-        if c == "dense fp16 KV":
-            body.append([c, f2(r["ppl"]), "", str(r["bytes_per_token"]), ""])
-        else:
-            body.append([c, f2(r["ppl"]), pct(r["ppl"] / dense["ppl"] - 1), f"{r['bytes_per_token_T512']:.0f}",
-                         f"{100 * r['reduction_T512']:.1f} %"])
-    return ["config (K density / V density, bits, init)", "ppl", "vs dense", "KV bytes / token", "KV reduction"], body
+    """bench/cskv_equal_bytes.py (40 windows): dense, quantization only at 4/3/2 bits, the recipe default
+    (recipes/cskv.yaml) and channel shrinking at the bytes of 2-bit quantization."""
+    import yaml
+
+    dense, rs = _cskv_rows()
+    o = yaml.safe_load((ROOT / "recipes" / "cskv.yaml").read_text())["passes"][0]["cskv"]
+    default = (f"{o['k_density']:g}:{o['v_density']:g}:{o['k_bits']}:{o['v_bits']}:asvd", o["window"])
+    want = CSKV_SUMMARY + [default]
+    body = [["dense fp16 K/V", "", "", "", f2(dense["ppl"]), "", str(dense["bytes_per_token"]), ""]]
+    for r in rs:
+        key = (r["spec"].rsplit(":", 1)[0] if r["spec"].count(":") == 5 else r["spec"], r.get("window", 32))
+        if key in want:
+            c = _cskv_cells(r, dense)
+            name = "recipe default: " + c[0] if key == default else c[0]
+            body.append([name, c[1], c[2], c[3], c[7], c[8], c[5], c[6]])
+    return ["cache", "K / V density", "K / V bits", "window W", "ppl", "vs dense", "KV bytes / token",
+            "KV reduction"], body
 
 
 # --- docs/ -----------------------------------------------------------------------------------------------------
@@ -340,21 +343,38 @@ def ds_smollm2_retrieval():
     return ["prompt tokens", "config", "keys retrieved"], body
 
 
+def _cskv_rows() -> tuple[dict, list[dict]]:
+    """bench/cskv_equal_bytes.py rows at 40 windows: the latest dense row and the latest row per (spec, window)."""
+    rs = [r for r in rows("cskv_equal_bytes") if r.get("windows") == 40]
+    dense = [r for r in rs if r["spec"] == "dense"]
+    if not dense:
+        raise SystemExit("bench/results/cskv_equal_bytes.jsonl has no 40-window dense row (run with --dense)")
+    by = latest([r for r in rs if r["spec"] != "dense"], "spec", "window")
+    return dense[-1], sorted(by.values(), key=lambda r: (-r["bytes_formula"], r["spec"]))
+
+
+def _cskv_kind(r: dict) -> str:
+    if r["k_density"] == 1 and r["v_density"] == 1:
+        return "quantization only"
+    return "shrink K" + (" and V" if r["v_density"] < 1 else "") + " + quantization"
+
+
+def _cskv_cells(r: dict, dense: dict) -> list[str]:
+    return [_cskv_kind(r), f"{r['k_density']:g} / {r['v_density']:g}", f"{r['k_bits']} / {r['v_bits']}",
+            str(r.get("window", 32)), r["init"], f"{r['bytes_formula']:.0f}", f"{100 * r['reduction']:.1f} %",
+            f2(r["ppl"]), pct(r["ppl"] / dense["ppl"] - 1)]
+
+
 @renderer("cskv_equal_bytes")
 def cskv_equal_bytes():
     """bench/cskv_equal_bytes.py (docs/cskv.md): quantization only (densities 1/1) vs channel shrinking +
-    quantization, sorted by cache bytes per token; 40 windows; dense from bench/cskv_smollm2.py's run."""
-    dense = latest(rows("cskv_smollm2"), "config")[("dense fp16 KV",)]["ppl"]
-    by = latest(rows("cskv_equal_bytes"), "spec")
-    body = []
-    for r in sorted(by.values(), key=lambda r: (-r["bytes_formula"], r["spec"])):
-        kind = "quantization only" if r["k_density"] == 1 and r["v_density"] == 1 else "shrink K" + (
-            " and V" if r["v_density"] < 1 else "") + " + quantization"
-        body.append([kind, f"{r['k_density']:g} / {r['v_density']:g}", f"{r['k_bits']} / {r['v_bits']}",
-                     r["init"], f"{r['bytes_formula']:.0f}", f"{r['bytes_measured']:.0f}",
-                     f"{100 * r['reduction']:.1f} %", f2(r["ppl"]), pct(r["ppl"] / dense - 1)])
-    return ["cache", "K / V density", "K / V bits", "init", "B/token (formula)", "B/token (measured, T=512)",
-            "KV reduction", "ppl", "vs dense"], body
+    quantization, sorted by cache bytes per token; 40 windows; vs the dense row of the latest run."""
+    dense, rs = _cskv_rows()
+    body = [["dense fp16 K/V", "", "16 / 16", "", "", str(dense["bytes_per_token"]), "", "0", f2(dense["ppl"]), ""]]
+    for r in rs:
+        body.append(_cskv_cells(r, dense)[:6] + [f"{r['bytes_measured']:.0f}"] + _cskv_cells(r, dense)[6:])
+    return ["cache", "K / V density", "K / V bits", "window W", "init", "B/token (formula)",
+            "B/token (measured, T=512)", "KV reduction", "ppl", "vs dense"], body
 
 
 @renderer("cskv_generate")
