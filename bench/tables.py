@@ -116,16 +116,29 @@ def quickstart_cost():
     return ["stage (report.json `stages`)", "CPU s", "CPU s per layer"], body
 
 
+@renderer("mixed_precision_smollm2")
+def mixed_precision_smollm2():
+    """bench/peers.py --tools gptq,mixed-3.5 --table mixed_precision_smollm2: uniform GPTQ W3 g64 vs mixed
+    precision at an average of 3.5 bits (g64), same calibration ids, 40 wikitext-2 windows."""
+    by = latest(rows("mixed_precision_smollm2"), "setting", "tool")
+    names = {"ptq gptq": "GPTQ, uniform 3 bits", "ptq mixed-3.5": "GPTQ, mixed precision, average 3.5 bits"}
+    body = []
+    for (s, tool), r in by.items():
+        body.append([names.get(tool, tool), f"g{r['group_size']}", f"{r['nsamples']} x 512 ({r['calib']})",
+                     str(r["windows"]), f2(r["ppl"]), f"{r['cpu_s']:.0f}"])
+    return ["quantization", "group", "calibration", "windows", "ppl", "compress CPU s"], body
+
+
 @renderer("calib_default")
 def calib_default():
-    """bench/calib_default.py: GPTQ W4 g128 calibrated on the embedded text vs Jane Austen."""
-    by = latest(rows("calib_default"), "calib")
-    names = {"default": "embedded default text", "austen": "Jane Austen", "shakespeare": "tiny Shakespeare"}
-    body = [[names.get(k[0], k[0]), f"{r['nsamples']} x {r['seqlen']}", str(r["windows"]), f2(r["ppl"]),
-             f2(r["ppl_ref"]), f"{r['kl']:.4f}", f"{r['top1']:.3f}"] for k, r in by.items()]
-    r = next(iter(by.values()))
-    setting = f"{r['recipe'].upper()} W{r['bits']} g{r['group_size']}"
-    return [f"calibration ({setting})", "samples", "windows", "ppl", "fp32 ppl", "KL", "top-1"], body
+    """bench/calib_default.py: quick-start GPTQ calibrated on the old 8.8k-token default text vs the extended one."""
+    by = latest(rows("calib_default"), "setting", "calib")
+    names = {"default": "embedded default (extended)", "old-default": "earlier embedded default",
+             "austen": "Jane Austen", "shakespeare": "tiny Shakespeare"}
+    body = [[f"W{r['bits']} g{r['group_size']}", names.get(c, c), f"{r['text_tokens']}",
+             f"{r['nsamples']} x {r['seqlen']}", f"{r['reuse']:.2f}", str(r["windows"]), f2(r["ppl"])]
+            for (s, c), r in by.items()]
+    return ["GPTQ setting", "calibration text", "text tokens", "samples", "token reuse", "windows", "ppl"], body
 
 
 OSPLUS_METHODS = [("naive", "naive (RTN W, per-token A)"), ("sq", "SmoothQuant"), ("os-scale", "OS+ (scale)"),
