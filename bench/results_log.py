@@ -64,14 +64,28 @@ def rows(table: str) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
+# The child is started by this small Python process, not by the benchmark itself: a process's peak RSS (ru_maxrss)
+# counts the memory it had at fork time, so a child forked by a parent that imported torch would report at least
+# the parent's RSS. The wrapper writes the grandchild's own rusage (utime + stime, maxrss KiB) to the file argv[1].
+_WRAPPER = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[2:])\n"
+            "_, status, ru = os.wait4(p.pid, 0)\n"
+            "open(sys.argv[1], 'w').write(f'{ru.ru_utime + ru.ru_stime} {ru.ru_maxrss}')\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def run_child(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, int, str]:
-    """(wall s, CPU s, peak RSS bytes, stdout) of one child process; exits with its stderr tail if it fails."""
+    """(wall s, CPU s, peak RSS bytes, stdout) of one child process (its own peak, not the benchmark's); exits
+    with its stderr tail if it fails."""
     t = time.time()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=cwd)
-        _, status, ru = os.wait4(p.pid, 0)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rusage") as usage:
+        p = subprocess.Popen([sys.executable, "-c", _WRAPPER, usage.name, *cmd], stdout=out, stderr=err, text=True,
+                             env=env, cwd=cwd)
+        p.wait()
         out.seek(0)
         err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        if p.returncode != 0:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read()[-3000:]}")
-        return time.time() - t, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, out.read()
+        cpu, maxrss_kib = usage.read().split()
+        return time.time() - t, float(cpu), int(maxrss_kib) * 1024, out.read()

@@ -100,3 +100,24 @@ def test_after_osplus(tiny_models):
     loop = compress_loop(sm, [osp, lr], ids, spec, batch_size=2)
     assert all("lr_loss_init" in s and min(s["lr_loss_init"], s["lr_loss_final"]) > 0 for s in loop.layer_stats)
     assert all(s["lr_loss_final"] < s["lr_loss_init"] or not s["lr_kept"] for s in loop.layer_stats)
+
+
+def test_fp_target_follows_the_fp_model(tiny_models):
+    """``target: fp``: the targets of every layer are the fp model's own hidden states (AutoRound's objective),
+    not the fp layer on the compressed chain's inputs."""
+    from ptq.pipeline import compress_loop, for_layer
+
+    spec = QuantSpec(3, 32, False)
+    sm = StreamingModel.open(str(tiny_models["llama"]))
+    ids = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    fp = for_layer(capture_inputs(sm, ids, batch_size=2), 0)
+    for i in range(len(sm.layers)):
+        fp = for_layer(run_layer(sm.load_layer(i), for_layer(fp, i)), min(i + 1, len(sm.layers) - 1))
+    lr = LearnedRoundingPass(LearnedRoundingPass.Options(iters=2, target="fp"), spec)
+    loop = compress_loop(StreamingModel.open(str(tiny_models["llama"])), [lr], ids, spec, batch_size=2)
+    assert lr._fp_index == len(sm.layers)
+    for mine, ref in zip(lr._fp_stream, fp):
+        torch.testing.assert_close(mine, ref.hidden)
+    assert all(s["lr_loss_init"] > 0 for s in loop.layer_stats)
+    with pytest.raises(ValueError, match="target must be"):
+        LearnedRoundingPass.Options(target="teacher")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from ptq.pipeline import LayerContext, Pass, layer_forward
+from ptq.pipeline import Batch, LayerContext, Pass, layer_forward
 from ptq.quant.primitives import expand_groups
 from ptq.quant.qweight import QuantizedWeight
 
@@ -118,6 +118,7 @@ class LearnedRoundingPass(Pass):
     @dataclass
     class Options:
         init: str = "gptq"  # rtn | gptq: the codes learning starts from
+        target: str = "chain"  # fp: fp layer on the fp model's inputs (AutoRound's); chain: on this layer's inputs
         iters: int = 24  # signed-gradient steps per decoder layer (AutoRound uses 200 on GPUs)
         lr: float = 0.005  # rounding-offset step (0 = 1 / iters, AutoRound's default); decays linearly to 0
         batch: int = 2  # calibration sequences per step
@@ -132,6 +133,8 @@ class LearnedRoundingPass(Pass):
         def __post_init__(self):
             if self.init not in ("rtn", "gptq"):
                 raise ValueError(f"init must be rtn or gptq, got {self.init!r}")
+            if self.target not in ("fp", "chain"):
+                raise ValueError(f"target must be fp or chain, got {self.target!r}")
             if self.iters < 0 or self.batch < 1 or self.lr < 0:
                 raise ValueError("iters >= 0, batch >= 1 and lr >= 0 are required")
 
@@ -151,6 +154,21 @@ class LearnedRoundingPass(Pass):
         RTNPass(None, self.spec).apply(ctx)
         return {}
 
+    _fp_stream: list | None = None  # the fp model's hidden states entering layer `_fp_index`
+    _fp_index: int = -1
+
+    @torch.no_grad()
+    def _targets(self, ctx: LayerContext) -> list[torch.Tensor]:
+        """The fp layer's outputs ``[b, L, H]`` per batch: on the fp model's own inputs (``target: fp``; the pass
+        carries that second stream from layer to layer, starting from the calibration inputs of the first layer it
+        sees) or on this layer's compressed-chain inputs (``target: chain``)."""
+        if self.opts.target == "chain":
+            return [y.float() for y in ctx.outputs()]
+        fp_in = self._fp_stream if self._fp_index == ctx.index else [b.hidden for b in ctx.batches]
+        outs = [layer_forward(ctx.layer, Batch(h, b.kwargs, b.attn)) for h, b in zip(fp_in, ctx.batches)]
+        self._fp_stream, self._fp_index = outs, ctx.index + 1
+        return [y.float() for y in outs]
+
     @torch.no_grad()
     def _loss(self, ctx: LayerContext, targets: list[torch.Tensor], weights: dict | None = None) -> float:
         tot = 0.0
@@ -165,7 +183,7 @@ class LearnedRoundingPass(Pass):
         o = self.opts
         names = ctx.linears()
         fp = {n: ctx.module(n).weight.data.clone() for n in names}
-        targets = [y.float() for y in ctx.outputs()]  # fp layer on this layer's (compressed-chain) inputs
+        targets = self._targets(ctx)
         start = self._init(ctx)  # sets ctx.qweights and the layer's weights to the init's dequantized values
         init_q = {n: ctx.qweights[ctx.prefix + n] for n in names}
         loss0 = self._loss(ctx, targets)
