@@ -116,16 +116,29 @@ def quickstart_cost():
     return ["stage (report.json `stages`)", "CPU s", "CPU s per layer"], body
 
 
+@renderer("mixed_precision_smollm2")
+def mixed_precision_smollm2():
+    """bench/peers.py --tools gptq,mixed-3.5 --table mixed_precision_smollm2: uniform GPTQ W3 g64 vs mixed
+    precision at an average of 3.5 bits (g64), same calibration ids, 40 wikitext-2 windows."""
+    by = latest(rows("mixed_precision_smollm2"), "setting", "tool")
+    names = {"ptq gptq": "GPTQ, uniform 3 bits", "ptq mixed-3.5": "GPTQ, mixed precision, average 3.5 bits"}
+    body = []
+    for (s, tool), r in by.items():
+        body.append([names.get(tool, tool), f"g{r['group_size']}", f"{r['nsamples']} x 512 ({r['calib']})",
+                     str(r["windows"]), f2(r["ppl"]), f"{r['cpu_s']:.0f}"])
+    return ["quantization", "group", "calibration", "windows", "ppl", "compress CPU s"], body
+
+
 @renderer("calib_default")
 def calib_default():
-    """bench/calib_default.py: GPTQ W4 g128 calibrated on the embedded text vs Jane Austen."""
-    by = latest(rows("calib_default"), "calib")
-    names = {"default": "embedded default text", "austen": "Jane Austen", "shakespeare": "tiny Shakespeare"}
-    body = [[names.get(k[0], k[0]), f"{r['nsamples']} x {r['seqlen']}", str(r["windows"]), f2(r["ppl"]),
-             f2(r["ppl_ref"]), f"{r['kl']:.4f}", f"{r['top1']:.3f}"] for k, r in by.items()]
-    r = next(iter(by.values()))
-    setting = f"{r['recipe'].upper()} W{r['bits']} g{r['group_size']}"
-    return [f"calibration ({setting})", "samples", "windows", "ppl", "fp32 ppl", "KL", "top-1"], body
+    """bench/calib_default.py: quick-start GPTQ calibrated on the old 8.8k-token default text vs the extended one."""
+    by = latest(rows("calib_default"), "setting", "calib")
+    names = {"default": "embedded default (extended)", "old-default": "earlier embedded default",
+             "austen": "Jane Austen", "shakespeare": "tiny Shakespeare"}
+    body = [[f"W{r['bits']} g{r['group_size']}", names.get(c, c), f"{r['text_tokens']}",
+             f"{r['nsamples']} x {r['seqlen']}", f"{r['reuse']:.2f}", str(r["windows"]), f2(r["ppl"])]
+            for (s, c), r in by.items()]
+    return ["GPTQ setting", "calibration text", "text tokens", "samples", "token reuse", "windows", "ppl"], body
 
 
 OSPLUS_METHODS = [("naive", "naive (RTN W, per-token A)"), ("sq", "SmoothQuant"), ("os-scale", "OS+ (scale)"),
@@ -394,6 +407,24 @@ def cskv_generate():
 
 
 # --- checking and writing ----------------------------------------------------------------------------------------
+
+
+@renderer("onnx_speed")
+def onnx_speed():
+    """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
+    perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes."""
+    head = ["model", "runtime", "decode tok/s", "vs builder int4", "prefill ms", "peak RSS MiB", "size MiB",
+            "wikitext-2 ppl"]
+    if not (RESULTS / "onnx_speed.jsonl").exists():
+        return head, []
+    body = []
+    for r in latest(rows("onnx_speed"), "variant", "runtime").values():
+        ratio = r.get("decode_vs_builder_int4_same_runtime")
+        body.append([r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
+                     f"{r['prefill_ms']:.0f}", str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}",
+                     f"{r['wikitext2_ppl']:.3f}"])
+    return head, body
+
 
 def render(name: str) -> list[str]:
     if name not in RENDERERS:
