@@ -116,16 +116,29 @@ def quickstart_cost():
     return ["stage (report.json `stages`)", "CPU s", "CPU s per layer"], body
 
 
+@renderer("mixed_precision_smollm2")
+def mixed_precision_smollm2():
+    """bench/peers.py --tools gptq,mixed-3.5 --table mixed_precision_smollm2: uniform GPTQ W3 g64 vs mixed
+    precision at an average of 3.5 bits (g64), same calibration ids, 40 wikitext-2 windows."""
+    by = latest(rows("mixed_precision_smollm2"), "setting", "tool")
+    names = {"ptq gptq": "GPTQ, uniform 3 bits", "ptq mixed-3.5": "GPTQ, mixed precision, average 3.5 bits"}
+    body = []
+    for (s, tool), r in by.items():
+        body.append([names.get(tool, tool), f"g{r['group_size']}", f"{r['nsamples']} x 512 ({r['calib']})",
+                     str(r["windows"]), f2(r["ppl"]), f"{r['cpu_s']:.0f}"])
+    return ["quantization", "group", "calibration", "windows", "ppl", "compress CPU s"], body
+
+
 @renderer("calib_default")
 def calib_default():
-    """bench/calib_default.py: GPTQ W4 g128 calibrated on the embedded text vs Jane Austen."""
-    by = latest(rows("calib_default"), "calib")
-    names = {"default": "embedded default text", "austen": "Jane Austen", "shakespeare": "tiny Shakespeare"}
-    body = [[names.get(k[0], k[0]), f"{r['nsamples']} x {r['seqlen']}", str(r["windows"]), f2(r["ppl"]),
-             f2(r["ppl_ref"]), f"{r['kl']:.4f}", f"{r['top1']:.3f}"] for k, r in by.items()]
-    r = next(iter(by.values()))
-    setting = f"{r['recipe'].upper()} W{r['bits']} g{r['group_size']}"
-    return [f"calibration ({setting})", "samples", "windows", "ppl", "fp32 ppl", "KL", "top-1"], body
+    """bench/calib_default.py: quick-start GPTQ calibrated on the old 8.8k-token default text vs the extended one."""
+    by = latest(rows("calib_default"), "setting", "calib")
+    names = {"default": "embedded default (extended)", "old-default": "earlier embedded default",
+             "austen": "Jane Austen", "shakespeare": "tiny Shakespeare"}
+    body = [[f"W{r['bits']} g{r['group_size']}", names.get(c, c), f"{r['text_tokens']}",
+             f"{r['nsamples']} x {r['seqlen']}", f"{r['reuse']:.2f}", str(r["windows"]), f2(r["ppl"])]
+            for (s, c), r in by.items()]
+    return ["GPTQ setting", "calibration text", "text tokens", "samples", "token reuse", "windows", "ppl"], body
 
 
 OSPLUS_METHODS = [("naive", "naive (RTN W, per-token A)"), ("sq", "SmoothQuant"), ("os-scale", "OS+ (scale)"),
@@ -233,25 +246,28 @@ def _size_run_start() -> str:
     return max(fl) if fl else ""
 
 
-CSKV_SUMMARY = ["dense fp16 KV", "k0.375/v1.0 4-bit asvd", "k0.25/v1.0 4-bit asvd", "k0.5/v0.5 4-bit asvd+fit"]
+CSKV_SUMMARY = [("1:1:4:4:id", 32), ("1:1:3:3:id", 32), ("1:1:2:2:id", 32), ("0.5:1:3:3:asvd", 32)]
 
 
 @renderer("cskv_summary")
 def cskv_summary():
-    """bench/cskv_smollm2.py: KV-cache bytes per token and perplexity (40 windows) for the headline configs."""
-    by = latest(rows("cskv_smollm2"), "config")
-    dense = by[("dense fp16 KV",)]
-    body = []
-    for c in CSKV_SUMMARY:
-        r = by.get((c,))
-        if r is None:
-            continue
-        if c == "dense fp16 KV":
-            body.append([c, f2(r["ppl"]), "", str(r["bytes_per_token"]), ""])
-        else:
-            body.append([c, f2(r["ppl"]), pct(r["ppl"] / dense["ppl"] - 1), f"{r['bytes_per_token_T512']:.0f}",
-                         f"{100 * r['reduction_T512']:.1f} %"])
-    return ["config (K density / V density, bits, init)", "ppl", "vs dense", "KV bytes / token", "KV reduction"], body
+    """bench/cskv_equal_bytes.py (40 windows): dense, quantization only at 4/3/2 bits, the recipe default
+    (recipes/cskv.yaml) and channel shrinking at the bytes of 2-bit quantization."""
+    import yaml
+
+    dense, rs = _cskv_rows()
+    o = yaml.safe_load((ROOT / "recipes" / "cskv.yaml").read_text())["passes"][0]["cskv"]
+    default = (f"{o['k_density']:g}:{o['v_density']:g}:{o['k_bits']}:{o['v_bits']}:asvd", o["window"])
+    want = CSKV_SUMMARY + [default]
+    body = [["dense fp16 K/V", "", "", "", f2(dense["ppl"]), "", str(dense["bytes_per_token"]), ""]]
+    for r in rs:
+        key = (r["spec"].rsplit(":", 1)[0] if r["spec"].count(":") == 5 else r["spec"], r.get("window", 32))
+        if key in want:
+            c = _cskv_cells(r, dense)
+            name = "recipe default: " + c[0] if key == default else c[0]
+            body.append([name, c[1], c[2], c[3], c[7], c[8], c[5], c[6]])
+    return ["cache", "K / V density", "K / V bits", "window W", "ppl", "vs dense", "KV bytes / token",
+            "KV reduction"], body
 
 
 # --- docs/ -----------------------------------------------------------------------------------------------------
@@ -269,6 +285,48 @@ def udfc_minilm():
             f"**{cells[m]:.5f}**" if len(cells) > 1 and cells[m] == best else f"{cells[m]:.5f}")
         body.append([str(bits), f"{100 * prune:.0f} %"] + [fmt(m) for m in modes])
     return ["bits", "prune", "none", "pair", "lstsq"], body
+
+
+@renderer("udfc_smollm2")
+def udfc_smollm2():
+    """bench/udfc_smollm2.py (docs/udfc.md): wikitext-2 perplexity per pruning ratio x bits and reconstruction;
+    auto = the closed form with the lower held-in (Austen) perplexity, its choice in brackets; best in bold."""
+    rs = rows("udfc_smollm2")
+    by = latest([r for r in rs if r["mode"] != "fp32"], "bits", "prune", "mode")
+    fp = [r for r in rs if r["mode"] == "fp32"][-1]
+    modes = ["none", "merge", "pair", "lstsq"]
+    body = [["fp32", "0 %", "", f2(fp["ppl"]), "", "", "", ""]]
+    for bits, prune in sorted({(k[0], k[1]) for k in by}):
+        cells = {m: by[(bits, prune, m)]["ppl"] for m in modes if (bits, prune, m) in by}
+        best = min(cells.values())
+        fmt = lambda m: "" if m not in cells else (  # noqa: E731
+            f"**{cells[m]:.2f}**" if len(cells) > 1 and cells[m] == best else f"{cells[m]:.2f}")
+        auto = by.get((bits, prune, "auto"))
+        inter = next(r for (b, p_, _m), r in by.items() if (b, p_) == (bits, prune)).get("intermediate", "")
+        body.append([str(bits), f"{100 * prune:.0f} %", str(inter)] + [fmt(m) for m in modes]
+                    + ["" if auto is None else f"{auto['ppl']:.2f} ({auto['chosen']})"])
+    return ["bits", "prune", "I", "none", "merge (baseline)", "pair", "lstsq", "auto (held-in choice)"], body
+
+
+@renderer("nupes_smollm2")
+def nupes_smollm2():
+    """bench/nupes_smollm2.py (docs/nupes.md): wikitext-2 perplexity per method x setting; best in bold."""
+    rs = rows("nupes_smollm2")
+    by = latest([r for r in rs if r["method"] != "fp"], "method", "config")
+    fp = [r for r in rs if r["method"] == "fp"][-1]
+    cfgs = [c for c in ("w3pc", "w4pc", "w3g64", "w4g64") if any(k[1] == c for k in by)]
+    names = {"rtn-sym": "RTN symmetric", "rtn": "RTN asymmetric", "gptq-sym": "GPTQ symmetric",
+             "gptq": "GPTQ asymmetric", "nupes-df": "NUPES data-free", "nupes": "NUPES data-driven"}
+    best = {c: min(r["ppl"] for (m, c_), r in by.items() if c_ == c) for c in cfgs}
+    body = [["fp32"] + [f2(fp["ppl"])] * len(cfgs)]
+    for m in names:
+        if not any(k[0] == m for k in by):
+            continue
+        cell = lambda c: "" if (m, c) not in by else (  # noqa: E731
+            f"**{by[(m, c)]['ppl']:.2f}**" if by[(m, c)]["ppl"] == best[c] else f"{by[(m, c)]['ppl']:.2f}")
+        body.append([names[m]] + [cell(c) for c in cfgs])
+    labels = {"w3pc": "W3 per channel", "w4pc": "W4 per channel", "w3g64": "W3 g64", "w4g64": "W4 g64"}
+    return ["method"] + [labels[c] for c in cfgs], body
 
 
 @renderer("gate_smollm2")
@@ -358,21 +416,38 @@ def ds_smollm2_retrieval():
     return ["prompt tokens", "config", "keys retrieved"], body
 
 
+def _cskv_rows() -> tuple[dict, list[dict]]:
+    """bench/cskv_equal_bytes.py rows at 40 windows: the latest dense row and the latest row per (spec, window)."""
+    rs = [r for r in rows("cskv_equal_bytes") if r.get("windows") == 40]
+    dense = [r for r in rs if r["spec"] == "dense"]
+    if not dense:
+        raise SystemExit("bench/results/cskv_equal_bytes.jsonl has no 40-window dense row (run with --dense)")
+    by = latest([r for r in rs if r["spec"] != "dense"], "spec", "window")
+    return dense[-1], sorted(by.values(), key=lambda r: (-r["bytes_formula"], r["spec"]))
+
+
+def _cskv_kind(r: dict) -> str:
+    if r["k_density"] == 1 and r["v_density"] == 1:
+        return "quantization only"
+    return "shrink K" + (" and V" if r["v_density"] < 1 else "") + " + quantization"
+
+
+def _cskv_cells(r: dict, dense: dict) -> list[str]:
+    return [_cskv_kind(r), f"{r['k_density']:g} / {r['v_density']:g}", f"{r['k_bits']} / {r['v_bits']}",
+            str(r.get("window", 32)), r["init"], f"{r['bytes_formula']:.0f}", f"{100 * r['reduction']:.1f} %",
+            f2(r["ppl"]), pct(r["ppl"] / dense["ppl"] - 1)]
+
+
 @renderer("cskv_equal_bytes")
 def cskv_equal_bytes():
     """bench/cskv_equal_bytes.py (docs/cskv.md): quantization only (densities 1/1) vs channel shrinking +
-    quantization, sorted by cache bytes per token; 40 windows; dense from bench/cskv_smollm2.py's run."""
-    dense = latest(rows("cskv_smollm2"), "config")[("dense fp16 KV",)]["ppl"]
-    by = latest(rows("cskv_equal_bytes"), "spec")
-    body = []
-    for r in sorted(by.values(), key=lambda r: (-r["bytes_formula"], r["spec"])):
-        kind = "quantization only" if r["k_density"] == 1 and r["v_density"] == 1 else "shrink K" + (
-            " and V" if r["v_density"] < 1 else "") + " + quantization"
-        body.append([kind, f"{r['k_density']:g} / {r['v_density']:g}", f"{r['k_bits']} / {r['v_bits']}",
-                     r["init"], f"{r['bytes_formula']:.0f}", f"{r['bytes_measured']:.0f}",
-                     f"{100 * r['reduction']:.1f} %", f2(r["ppl"]), pct(r["ppl"] / dense - 1)])
-    return ["cache", "K / V density", "K / V bits", "init", "B/token (formula)", "B/token (measured, T=512)",
-            "KV reduction", "ppl", "vs dense"], body
+    quantization, sorted by cache bytes per token; 40 windows; vs the dense row of the latest run."""
+    dense, rs = _cskv_rows()
+    body = [["dense fp16 K/V", "", "16 / 16", "", "", str(dense["bytes_per_token"]), "", "0", f2(dense["ppl"]), ""]]
+    for r in rs:
+        body.append(_cskv_cells(r, dense)[:6] + [f"{r['bytes_measured']:.0f}"] + _cskv_cells(r, dense)[6:])
+    return ["cache", "K / V density", "K / V bits", "window W", "init", "B/token (formula)",
+            "B/token (measured, T=512)", "KV reduction", "ppl", "vs dense"], body
 
 
 @renderer("cskv_generate")
@@ -392,6 +467,24 @@ def cskv_generate():
 
 
 # --- checking and writing ----------------------------------------------------------------------------------------
+
+
+@renderer("onnx_speed")
+def onnx_speed():
+    """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
+    perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes."""
+    head = ["model", "runtime", "decode tok/s", "vs builder int4", "prefill ms", "peak RSS MiB", "size MiB",
+            "wikitext-2 ppl"]
+    if not (RESULTS / "onnx_speed.jsonl").exists():
+        return head, []
+    body = []
+    for r in latest(rows("onnx_speed"), "variant", "runtime").values():
+        ratio = r.get("decode_vs_builder_int4_same_runtime")
+        body.append([r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
+                     f"{r['prefill_ms']:.0f}", str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}",
+                     f"{r['wikitext2_ppl']:.3f}"])
+    return head, body
+
 
 def render(name: str) -> list[str]:
     if name not in RENDERERS:
