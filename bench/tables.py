@@ -473,14 +473,16 @@ def cskv_generate():
 def onnx_speed():
     """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
     perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes."""
-    head = ["model", "runtime", "decode tok/s", "vs builder int4", "prefill ms", "peak RSS MiB", "size MiB",
-            "wikitext-2 ppl"]
+    head = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (same run)", "prefill ms",
+            "peak RSS MiB", "size MiB", "wikitext-2 ppl"]
     if not (RESULTS / "onnx_speed.jsonl").exists():
         return head, []
     body = []
-    for r in latest(rows("onnx_speed"), "variant", "runtime").values():
+    for r in latest(rows("onnx_speed"), "command", "variant", "runtime").values():
         ratio = r.get("decode_vs_builder_int4_same_runtime")
-        body.append([r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
+        cmd = r.get("command", "").split()
+        emb = cmd[cmd.index("--embed-bits") + 1] if "--embed-bits" in cmd else "4"
+        body.append([f"ptq --embed-bits {emb}", r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
                      f"{r['prefill_ms']:.0f}", str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}",
                      f"{r['wikitext2_ppl']:.3f}"])
     return head, body
