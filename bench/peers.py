@@ -39,6 +39,7 @@ TOOLS = {  # tool -> (recipe, extra compress args, calibrated?)
     "gptq": ("gptq", [], True),
     "gptq-octav": ("gptq", ["--clip", "octav"], True),
     "learned-rounding": ("learned-rounding", [], True),
+    "mixed-3.5": ("gptq", ["--bits", "3.5"], True),  # mixed precision, average 3.5 bits (the setting's group size)
 }
 PEERS = {  # peer -> runner script in bench/peer_runners/
     "auto-round": "autoround_runner.py",

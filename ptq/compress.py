@@ -217,18 +217,27 @@ def check_store_options(opts: CompressOptions, writer_cls, fmt: str) -> None:
 MIN_DAMP_FEW_TOKENS = 0.1  # damping used when the calibration set has fewer unique tokens than a linear's width
 
 
-def check_calibration(calib_ids: torch.Tensor, config, recipe: Recipe) -> dict:
+def check_calibration(calib_ids: torch.Tensor, config, recipe: Recipe, sampling: dict | None = None) -> dict:
     """Warn when the calibration windows repeat text or hold fewer unique tokens than the widest linear input
     (its Hessian is then rank-deficient); in that case raise Hessian damping to ``MIN_DAMP_FEW_TOKENS`` in every
-    pass that has a ``damp`` option. Returns what was found and done (recorded in report.json)."""
+    pass that has a ``damp`` option. ``sampling``: what `calib.data.sample_windows` did (text tokens, distinct
+    and overlapping windows). Returns what was found and done (recorded in report.json)."""
     from calib.data import calibration_coverage
 
     cov = calibration_coverage(calib_ids)
+    cov.update(sampling or {})
     widths = [getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "ffn_dim")]
     width = max(w for w in widths if isinstance(w, int))
     cov["widest_linear_input"] = width
     cov["warnings"] = []
-    if cov["reuse"] > 1.05:
+    n, seqlen = calib_ids.shape
+    if cov.get("overlapping_windows"):
+        cov["warnings"].append(f"the calibration text has {cov['text_tokens']} tokens, fewer than --nsamples {n} x "
+                               f"--seqlen {seqlen}: used its {cov['distinct_windows']} non-overlapping windows once "
+                               f"each and drew the other {cov['overlapping_windows']} at random offsets, overlapping "
+                               f"them (each token used ~{cov['reuse']:.1f}x); give more text (--calib) or use "
+                               f"--nsamples {cov['distinct_windows']}")
+    elif cov["reuse"] > 1.05:
         cov["warnings"].append(f"calibration windows overlap: {cov['tokens']} tokens drawn from ~{cov['unique_tokens']} "
                                f"distinct ones (each used ~{cov['reuse']:.1f}x); give more text (--calib) or fewer "
                                "--nsamples")
@@ -383,10 +392,11 @@ def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
             tok = tokenizer_for(sm.folder, opts.trust_remote_code)
             c = recipe.calibration
             with clock("load"):
-                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos)
+                sampling: dict = {}
+                calib_ids = load_calibration(c.path, tok, c.nsamples, c.seqlen, c.seed, c.bos, sampling)
         except (CalibrationError, ModelInputError) as e:
             raise UsageError(str(e)) from e
-        calib_check = check_calibration(calib_ids, sm.config, recipe)
+        calib_check = check_calibration(calib_ids, sm.config, recipe, sampling)
     if opts.eval_text:  # checked now, not after an hour of compression
         from calib.data import read_text, resolve_bos, tokenize
         from ptq.eval.metrics import eval_windows
@@ -593,9 +603,10 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
 def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
                   dtype: str = "float32", progress=None, bos: bool | None = None) -> dict:
     """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer;
-    ``progress(i, n)`` after each layer of each model. ``bos``: BOS before each window (None: the tokenizer's
-    own setting); the result says which (``bos``, ``bos_source``)."""
-    from calib.data import bos_note, read_text, resolve_bos, tokenize
+    ``progress(i, n)`` after each layer of each model. ``bos``: BOS before each window (None: the BOS choice
+    ``model`` was calibrated with if its run overrode the tokenizer, else the tokenizer's own setting,
+    `calib.data.eval_bos`); the result says which (``bos``, ``bos_source``)."""
+    from calib.data import eval_bos, read_text, resolve_bos, tokenize
     from ptq.eval.metrics import eval_windows, stream_metrics
 
     from ptq.validate import check_gate_inputs
@@ -613,10 +624,10 @@ def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512
     ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
     raw = read_text(text)
     tok = tokenizer_for(sm.folder)
+    bos, note = eval_bos(sm.folder, tok, bos)
     bos_id = resolve_bos(tok, bos)
     windows = eval_windows(tokenize(raw, tok), seqlen, max_windows, bos_id)
     ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows, bos_id) if ref else None
     check_gate_inputs(sm, ref, None, windows, ref_w, allow_other=True)  # same architecture and tokenizer
-    note = bos_note(tok, bos)
     return {**stream_metrics(sm, windows, ref, progress=progress).to_dict(), "bos": note["bos"],
             "bos_source": note["source"]}

@@ -92,9 +92,9 @@ def _unb64(s: str, dtype, shape) -> torch.Tensor:
 
 def text_windows(model_folder: Path, text: str, seqlen: int, windows: int,
                  bos: bool | None = None) -> tuple[torch.Tensor, str, dict]:
-    """``[n, seqlen]`` evaluation windows (as `evaluate_pair`, BOS as `calib.data.resolve_bos`), the sha256
-    of the text file and the BOS note (`calib.data.bos_note`)."""
-    from calib.data import bos_note, read_text, resolve_bos, tokenize
+    """``[n, seqlen]`` evaluation windows (as `evaluate_pair`, BOS as `calib.data.eval_bos`: the flag, else the
+    model's recorded calibration choice, else the tokenizer's), the sha256 of the text file and the BOS note."""
+    from calib.data import eval_bos, read_text, resolve_bos, tokenize
     from ptq.eval.metrics import eval_windows
     from ptq.model_io import tokenizer_for
 
@@ -103,11 +103,12 @@ def text_windows(model_folder: Path, text: str, seqlen: int, windows: int,
     raw = read_text(text)
     tok = tokenizer_for(model_folder)
     ids = tokenize(raw, tok)
+    bos, note = eval_bos(model_folder, tok, bos)
     try:
         w = eval_windows(ids, seqlen, windows, resolve_bos(tok, bos))
     except ValueError as e:
         raise GateInputError(str(e)) from e
-    return w, hashlib.sha256(raw.encode()).hexdigest(), bos_note(tok, bos)
+    return w, hashlib.sha256(raw.encode()).hexdigest(), note
 
 
 @torch.no_grad()

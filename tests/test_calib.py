@@ -20,7 +20,9 @@ def tok():
 def test_default_text_embedded(tok):
     text = read_text(None)
     assert text == DEFAULT_TEXT.read_text(encoding="utf-8")
-    assert 25_000 <= len(text.encode()) <= 40_000
+    assert len(text.encode()) >= 250_000  # ~66k SmolLM2 tokens: 128 x 512 windows without reuse
+    paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) >= 120]
+    assert len(paragraphs) > 500 and len(set(paragraphs)) == len(paragraphs)  # no repeated passages
     # varied content: prose, dialogue, code, numbers, lists
     for marker in ('"', "def ", "import ", "1.", "- ", "{", "Q:"):
         assert marker in text, marker
@@ -90,6 +92,44 @@ def test_errors(tmp_path, tok):
     with pytest.raises(CalibrationError, match="nsamples"):
         sample_windows(torch.arange(100), 0, 10)
     assert tokenize("ab", tok).tolist() == tok("ab", add_special_tokens=False)["input_ids"]
+
+
+def test_windows_do_not_overlap_when_the_text_suffices():
+    ids = torch.arange(1000)
+    rep: dict = {}
+    w = sample_windows(ids, 9, 100, seed=3, report=rep)
+    assert w.numel() == len(set(w.flatten().tolist()))  # every token at most once
+    assert rep == {"text_tokens": 1000, "distinct_windows": 9, "overlapping_windows": 0}
+    assert not torch.equal(w, sample_windows(ids, 9, 100, seed=4))
+
+
+def test_short_text_uses_every_window_then_says_it_overlaps(capsys):
+    import types
+
+    from ptq.compress import check_calibration
+    from ptq.recipes import load_recipe
+
+    ids = torch.arange(350)
+    rep: dict = {}
+    w = sample_windows(ids, 6, 100, seed=0, report=rep)
+    assert rep == {"text_tokens": 350, "distinct_windows": 3, "overlapping_windows": 3}
+    firsts = {int(r[0]) for r in w[:3]}
+    assert len(firsts) == 3 and max(firsts) - min(firsts) >= 200  # the three distinct windows tile the text
+    cov = check_calibration(w, types.SimpleNamespace(hidden_size=8, intermediate_size=16), load_recipe("gptq"), rep)
+    err = capsys.readouterr().err
+    assert "350 tokens, fewer than --nsamples 6 x --seqlen 100" in err and "--nsamples 3" in err
+    assert cov["overlapping_windows"] == 3
+
+
+@pytest.mark.slow
+def test_default_text_fills_128_windows_without_reuse(smollm2_dir):
+    """The quick start's calibration (128 x 512 SmolLM2 tokens) never repeats text."""
+    from ptq.model_io import tokenizer_for
+
+    rep: dict = {}
+    ids = load_calibration(None, tokenizer_for(smollm2_dir), 128, 512, 0, report=rep)
+    assert rep["overlapping_windows"] == 0 and rep["text_tokens"] >= 128 * 512
+    assert ids.unique().numel() > 5000
 
 
 def test_coverage_counts_repeated_windows_once():

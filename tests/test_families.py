@@ -419,6 +419,29 @@ def test_compress_calibration_and_eval_agree_on_bos(bos_model, tmp_path):
         assert rep["calibration"]["bos"] == bos
 
 
+def test_later_eval_uses_the_bos_the_model_was_calibrated_with(bos_model, tmp_path):
+    """A model compressed with --no-bos on a BOS tokenizer is evaluated (ptq eval / gate) without BOS by default,
+    as it was calibrated; an explicit flag still wins."""
+    from ptq.compress import evaluate_pair
+    from ptq.gate import text_windows
+
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 40)
+    out = tmp_path / "nobos"
+    cal = dict(recipe="gptq", format="fp", calib=str(text), nsamples=2, seqlen=48)
+    compress(CompressOptions(model=str(bos_model), out=str(out), bos=False, **cal))
+    d = evaluate_pair(str(out), str(bos_model), str(text), 64, 3)
+    assert (d["bos"], d["bos_source"]) == (False, "manifest") and d["tokens"] == 3 * 63
+    w, _, note = text_windows(out, str(text), 64, 3)
+    assert note == {"bos": False, "source": "manifest"} and (w[:, 0] != 0).all()
+    e = evaluate_pair(str(out), None, str(text), 64, 3, bos=True)
+    assert (e["bos"], e["bos_source"]) == (True, "--bos")
+    plain = tmp_path / "default"
+    compress(CompressOptions(model=str(bos_model), out=str(plain), **cal))
+    f = evaluate_pair(str(plain), None, str(text), 64, 3)
+    assert (f["bos"], f["bos_source"]) == (True, "tokenizer")
+
+
 def test_gate_baseline_file_records_bos(bos_model, tmp_path):
     from typer.testing import CliRunner
 
