@@ -170,12 +170,15 @@ class LearnedRoundingPass(Pass):
         return [y.float() for y in outs]
 
     @torch.no_grad()
-    def _loss(self, ctx: LayerContext, targets: list[torch.Tensor], weights: dict | None = None) -> float:
-        tot = 0.0
+    def _loss(self, ctx: LayerContext, targets: list[torch.Tensor],
+              weights: dict | None = None) -> tuple[float, list[torch.Tensor]]:
+        """Mean squared layer-output error over all calibration batches, and the outputs ``[b, L, H]``."""
+        tot, outs = 0.0, []
         for b, y in zip(ctx.batches, targets):
             out = layer_forward(ctx.layer, b) if weights is None else _forward(ctx.layer, weights, b)
             tot += float((out.float() - y).pow(2).mean())
-        return tot / max(1, len(targets))
+            outs.append(out)
+        return tot / max(1, len(targets)), outs
 
     def apply(self, ctx: LayerContext) -> None:
         if not ctx.batches:
@@ -186,7 +189,7 @@ class LearnedRoundingPass(Pass):
         targets = self._targets(ctx)
         start = self._init(ctx)  # sets ctx.qweights and the layer's weights to the init's dequantized values
         init_q = {n: ctx.qweights[ctx.prefix + n] for n in names}
-        loss0 = self._loss(ctx, targets)
+        loss0, out0 = self._loss(ctx, targets)
         learners = {n: LearnedLinear(fp[n], init_q[n], o.learn_clip, start.get(n)) for n in names}
         for p in ctx.layer.parameters():
             p.requires_grad_(False)
@@ -207,7 +210,7 @@ class LearnedRoundingPass(Pass):
         with torch.no_grad():
             final = {n: lr_.export() for n, lr_ in learners.items()}
             wq = {f"{n}.weight": final[n].dequantize().to(fp[n].dtype) for n in names}
-            loss1 = self._loss(ctx, targets, wq)
+            loss1, out1 = self._loss(ctx, targets, wq)
         keep = loss1 < loss0
         chosen = final if keep else init_q
         for n in names:
@@ -215,6 +218,7 @@ class LearnedRoundingPass(Pass):
             lin.weight.data = chosen[n].dequantize().to(fp[n].dtype)
             ctx.qweights[ctx.prefix + n] = chosen[n]
             ctx.stats[f"{n}.wmse"] = float((lin.weight.data.float() - fp[n].float()).pow(2).mean())
+        ctx.next_hidden = out1 if keep else out0  # the layer's outputs with the chosen weights: no second forward
         ctx.stats["lr_loss_init"] = loss0
         ctx.stats["lr_loss_final"] = loss1
         ctx.stats["lr_kept"] = bool(keep)
