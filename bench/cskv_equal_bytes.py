@@ -2,7 +2,7 @@
 
     PTQ_DATA=... python bench/cskv_equal_bytes.py --specs 1:1:4:4:id,0.375:1:4:4:asvd --dense
 
-A spec is ``k_density:v_density:k_bits:v_bits:init``. A branch at density 1 is *quantization only*: its factors are
+A spec is ``k_density:v_density:k_bits:v_bits:init[:window]`` (window default ``--window``, 32). A branch at density 1 is *quantization only*: its factors are
 ``A = W`` and ``B = I``, so the cache holds the exact pre-RoPE K (or V) quantized with the CSKV quantizer (K per
 channel over 32-token windows, V per token per head); ``init`` then only applies to the shrunk branch:
 ``asvd`` (ASVD init), ``fit`` (+ layer-wise fit), ``qat`` (+ quantization-aware fit, straight-through estimator
@@ -81,6 +81,8 @@ def main():
     ap.add_argument("--dense", action="store_true")
     ap.add_argument("--calib-cache", default=None)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--log", default=TABLE, help="results table name (e.g. cskv_screen for an 8-window screen)")
+    ap.add_argument("--window", type=int, default=32, help="full-precision window W (K quantized per W tokens)")
     args = ap.parse_args()
     if args.table:
         return print_table()
@@ -108,12 +110,13 @@ def main():
     dense_b = dense_kv_bytes(1, config.num_hidden_layers, config.num_key_value_heads, d_head)
     if args.dense:
         m = model_metrics(model, windows)
-        append(TABLE, {"spec": "dense", "ppl": m.ppl, "windows": windows.shape[0], "bytes_per_token": dense_b})
+        append(args.log, {"spec": "dense", "ppl": m.ppl, "windows": windows.shape[0], "bytes_per_token": dense_b})
         log(f"dense {m.ppl:.3f}")
     attns = [layer.self_attn for layer in model.model.layers]
     for spec in args.specs.split(","):
-        kd, vd, kb, vb, init = spec.split(":")
-        ccfg = CSKVConfig(float(kd), float(vd), 32, int(kb), int(vb))
+        kd, vd, kb, vb, init, *wnd = spec.split(":")
+        window = int(wnd[0]) if wnd else args.window
+        ccfg = CSKVConfig(float(kd), float(vd), window, int(kb), int(vb))
         dims = ccfg.dims(config)
         full = dims["n_kv"] * dims["d"]
         qk = {"bits": ccfg.k_bits, "axis": "channel", "window": ccfg.window}
@@ -133,7 +136,7 @@ def main():
         formula = asymptotic_bytes_per_token(ccfg, config)
         for layer, attn in zip(model.model.layers, attns):
             layer.self_attn = attn
-        row = append(TABLE, {"spec": spec, "k_density": float(kd), "v_density": float(vd), "k_bits": int(kb),
+        row = append(args.log, {"spec": spec, "window": window, "k_density": float(kd), "v_density": float(vd), "k_bits": int(kb),
                              "v_bits": int(vb), "init": init, "ppl": m.ppl, "windows": windows.shape[0],
                              "bytes_formula": formula, "bytes_measured": measured, "dense_bytes": dense_b,
                              "reduction": 1 - formula / dense_b, "k_err": sum(ek) / len(ek),

@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--config", default="0.375:1:4:4", help="k_density:v_density:k_bits:v_bits")
+    ap.add_argument("--config", default="0.375:1:4:4", help="k_density:v_density:k_bits:v_bits[:window]")
     ap.add_argument("--calib-cache", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -73,8 +73,8 @@ def main():
         from cskv_smollm2 import calib_stats
 
         stats = calib_stats(model, load_calibration(DATA / "janeausten", tok, 8, 512, 0, bos=True), 256)
-    kd, vd, kb, vb = args.config.split(":")
-    ccfg = CSKVConfig(float(kd), float(vd), 32, int(kb), int(vb))
+    kd, vd, kb, vb, *wnd = args.config.split(":")
+    ccfg = CSKVConfig(float(kd), float(vd), int(wnd[0]) if wnd else 32, int(kb), int(vb))
     dims = ccfg.dims(config)
     full = dims["n_kv"] * dims["d"]
     factors = {}

@@ -6,12 +6,14 @@ each run), ``--reps`` rounds with the variants interleaved:
 
 * ``dense (DynamicCache)``: plain transformers generate, sdpa attention, a DynamicCache built from the same K/V;
 * ``dense (DSCache)``: the DSCache with every layer dense (same buffers, no label scoring);
+* ``double sparsity (head)`` with ``--head``: the same with one top-k per query head (``selection="head"``);
 * ``double sparsity``: label-cache sparse decode, k = prompt/``--frac`` tokens, r = d/``--rdiv``, first
   ``--dense-layers`` layers dense.
 
 Tokens/s counts decode steps only (the first forward of generate processes the last prompt token), timed with
 process CPU time (single thread: the work, not the wait for a core on a loaded machine) and wall time.
-Greedy token agreement with the dense run is reported. Rows: ``bench/results/ds_generate_speed.jsonl``.
+Greedy token agreement with the dense run is reported, and, teacher-forced on the dense greedy tokens, the share
+of steps where Double Sparsity's top-1 equals dense's, dense's top-1 in DS's top-5, and the mean KL(dense || DS). Rows: ``bench/results/ds_generate_speed.jsonl``.
 
     python bench/ds_generate_speed.py --model DS_FOLDER --prompt 8192
 """
@@ -69,6 +71,7 @@ def main():
     ap.add_argument("--rdiv", type=int, default=8)
     ap.add_argument("--dense-layers", type=int, default=2)
     ap.add_argument("--label-bits", type=int, default=16)
+    ap.add_argument("--head", action="store_true", help="also time selection='head' (a top-k per query head)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -99,12 +102,15 @@ def main():
         return dc
 
     variants = {"dense (DynamicCache)": None, "dense (DSCache)": None, "double sparsity": None}
+    if args.head:
+        variants["double sparsity (head)"] = None
     res = {n: {"cpu": [], "wall": []} for n in variants}
     toks = {}
     dense_layers = cfg.dense_layers
     for rep in range(args.reps):
         for name in variants:
             cfg.dense_layers = 10**6 if name.startswith("dense") else dense_layers
+            cfg.selection = "head" if name.endswith("(head)") else "kv"
             c = dyn() if name == "dense (DynamicCache)" else cache
             with torch.no_grad():
                 out, tps_cpu, tps_wall = run(model, prompt, c, args.new, key)
@@ -116,13 +122,33 @@ def main():
             print(f"[{time.time() - t0:.0f}s] rep {rep} {name}: {tps_cpu:.2f} tok/s cpu, {tps_wall:.2f} wall", flush=True)
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in res.items()}
     ref = toks["dense (DynamicCache)"]
+    forced = {}
+    for name in [n for n in variants if n != "dense (DynamicCache)"]:  # teacher forcing on the dense greedy tokens
+        cfg.dense_layers = 10**6 if name.startswith("dense") else dense_layers
+        cfg.selection = "head" if name.endswith("(head)") else "kv"
+        seq = torch.cat([prompt[0], ref])[None]
+        with torch.no_grad():
+            forced[name] = torch.cat([model(input_ids=seq[:, t:t + 1], use_cache=True, **{key: cache}).logits[0]
+                                      for t in range(P, seq.shape[1] - 1)]).float().log_softmax(-1)
+        cache.crop(P)
+    cfg.selection = "kv"
+    lp_d = forced["dense (DSCache)"]
+    tf = {n: {"top1_agreement": float((lp_d.argmax(-1) == lp_s.argmax(-1)).float().mean()),
+              "dense_top1_in_ds_top5": float((lp_s.topk(5, -1).indices == lp_d.argmax(-1, keepdim=True)).any(-1)
+                                             .float().mean()),
+              "kl_dense_to_ds": float((lp_d.exp() * (lp_d - lp_s)).sum(-1).mean()), "steps": lp_d.shape[0]}
+          for n, lp_s in forced.items() if n.startswith("double")}
+    print(f"[{time.time() - t0:.0f}s] teacher forced: {tf}", flush=True)
     row = {"prompt_tokens": P, "new_tokens": args.new, "heavy_tokens": cfg.heavy_tokens, "r": cfg.heavy_channels,
            "label_bits": cfg.label_bits, "dense_layers": dense_layers, "selection": cfg.selection,
            "tokens_per_s_cpu": {n: round(v["cpu"], 3) for n, v in med.items()},
            "tokens_per_s_wall": {n: round(v["wall"], 3) for n, v in med.items()},
            "speedup_vs_dynamic_cpu": round(med["double sparsity"]["cpu"] / med["dense (DynamicCache)"]["cpu"], 3),
            "speedup_vs_dscache_dense_cpu": round(med["double sparsity"]["cpu"] / med["dense (DSCache)"]["cpu"], 3),
+           "speedup_head_vs_dynamic_cpu": (round(med["double sparsity (head)"]["cpu"]
+                                                 / med["dense (DynamicCache)"]["cpu"], 3) if args.head else None),
            "greedy_agreement": {n: float((t == ref).float().mean()) for n, t in toks.items()},
+           "teacher_forced": tf,
            "cache_bytes": cache.nbytes(), "reps": args.reps}
     append("ds_generate_speed", row)
     print(row)

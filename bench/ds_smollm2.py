@@ -45,6 +45,11 @@ from ptq.sparse.double_sparsity import DSConfig, install, load_labels, random_la
 DATA = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
+def selected(name: str, only: str) -> bool:
+    """``--only``: comma list of substrings of config names; an item starting with ``=`` must match exactly."""
+    return any(name == o[1:] if o.startswith("=") else o in name for o in only.split(","))
+
+
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Per-position NLL ``[L-1]`` of one window ``ids [1, L]`` (lm_head applied in chunks)."""
@@ -79,7 +84,7 @@ def ppl_table(model, cfgm, labels_cal, args):
                      DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4, study=True,
                               selection=args.selection)))
     if args.only:
-        runs = [r for r in runs if any(o in r[0] for o in args.only.split(","))]
+        runs = [r for r in runs if selected(r[0], args.only)]
     half = args.seqlen // 2
     rows = []
     for name, lab, dcfg in runs:
@@ -154,7 +159,7 @@ def retrieval_table(model, cfgm, labels_cal, args):
                          DSConfig(heavy_tokens=kk, heavy_channels=d // 4, label_bits=4, study=True,
                                   selection=args.selection)))
         if args.only:
-            runs = [r for r in runs if any(o in r[0] for o in args.only.split(","))]
+            runs = [r for r in runs if selected(r[0], args.only)]
         for name, lab, dcfg in runs:
             t0 = time.time()
             uninstall(model) if dcfg is None else install(model, lab, dcfg)
@@ -189,7 +194,7 @@ def main():
     ap.add_argument("--text", default=str(DATA / "wikitext2_test.raw.txt"))
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--only", default="", help="comma list of substrings selecting configs")
+    ap.add_argument("--only", default="", help="comma list of substrings selecting configs (=NAME: exact)")
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--heavy", default="16", help="retrieval: comma list of x, k = length / x")
     ap.add_argument("--keys", type=int, default=4)

@@ -20,6 +20,7 @@ ptq.eval.metrics.model_metrics, and logged with bench/results_log.append (table 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -35,35 +36,66 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 DATA = Path(os.environ.get("PTQ_DATA", ROOT.parent / "shared" / "data"))
 TABLE = "osplus_smollm2"
+SERIES = 2  # rows of this script's current form (current evaluator, down_proj migrated / quantized / fp)
 
 
-def parse(name: str) -> tuple[str, int, int, bool]:
-    m = re.fullmatch(r"(.+)-w(\d+)a(\d+)(-dpfp)?", name)
+DOWN = {None: "migrated", "-dpfp": "fp", "-dpq": "quantized"}  # down_proj input: name suffix -> treatment
+
+
+def parse(name: str) -> tuple[str, int, int, str]:
+    m = re.fullmatch(r"(.+)-w(\d+)a(\d+)(-dpfp|-dpq)?", name)
     if not m:
-        raise SystemExit(f"bad config name {name!r} (METHOD-wXaY[-dpfp])")
-    return m.group(1), int(m.group(2)), int(m.group(3)), bool(m.group(4))
+        raise SystemExit(f"bad config name {name!r} (METHOD-wXaY[-dpfp|-dpq])")
+    return m.group(1), int(m.group(2)), int(m.group(3)), DOWN[m.group(4)]
 
 
-def passes_for(method: str, dpfp: bool, args):
+OLD_SEARCH = dict(search_samples=1, grid=16, max_steps=16, loss_tokens=0, loss_rows=0, coarse=0)  # 9509178
+
+
+def passes_for(method: str, down: str, args):
+    """Passes of METHOD with the down_proj input ``down`` = migrated | quantized (not migrated) | fp."""
     from ptq.passes.act_quant import ActQuantPass
     from ptq.passes.gptq import GPTQPass
-    from ptq.passes.osplus import OSPlusPass
+    from ptq.passes.osplus import LossProbe, OSPlusPass
     from ptq.passes.rtn import RTNPass
     from ptq.passes.smoothquant import SmoothQuantPass
+    from ptq.passes import get_pass_class
+    from ptq.recipes import load_recipe
 
-    aq = ActQuantPass(ActQuantPass.Options(skip=["mlp.down_proj"] if dpfp else []))
+    aq = ActQuantPass(ActQuantPass.Options(skip=["mlp.down_proj"] if down == "fp" else []))
+    migrate = down == "migrated"
 
     def osp(**kw):
-        o = OSPlusPass.Options(down_proj=not dpfp, search_samples=args.calib_samples, **kw)
-        return OSPlusPass(o)
+        kw = {"search_samples": args.calib_samples, **kw}
+        return OSPlusPass(OSPlusPass.Options(down_proj=migrate, **kw))
 
+    def recipe_gptq():  # the os+ recipe's GPTQ options
+        return GPTQPass(next(o for n, o in load_recipe("os+").passes if n == "gptq"))
+
+    LossProbe.unbiased = method != "os-biased"
+    over = {"down_loss": "normed"} if method == "os-recipe-normed" else {}
+    if method in ("os-recipe", "os-recipe-normed"):  # the recipe's passes (os+ -> gptq -> act-quant)
+        if down == "quantized":
+            raise SystemExit("os-recipe: the recipes migrate down_proj (os+) or keep it fp (os+-down-fp)")
+        rec = load_recipe("os+-down-fp" if down == "fp" else "os+")
+        out = []
+        for n, o in rec.passes:
+            if n == "os+":
+                o = dataclasses.replace(o, search_samples=args.calib_samples, **over)
+            out.append(get_pass_class(n)(o))
+        return out
     table = {
         "naive": lambda: [RTNPass(), aq],
-        "sq": lambda: [SmoothQuantPass(SmoothQuantPass.Options(alpha=0.5, down_proj=not dpfp)), RTNPass(), aq],
+        "sq": lambda: [SmoothQuantPass(SmoothQuantPass.Options(alpha=0.5, down_proj=migrate)), RTNPass(), aq],
         "os": lambda: [osp(), RTNPass(), aq],
+        # 075c055's search: loss on 2048 tokens x 2048 features, tokens unweighted (outliers over-counted)
+        "os-biased": lambda: [osp(loss_tokens=2048, loss_rows=2048), RTNPass(), aq],
+        "os-old": lambda: [osp(**OLD_SEARCH), RTNPass(), aq],
+        "os-normed": lambda: [osp(down_loss="normed"), RTNPass(), aq],
         "os-dense": lambda: [osp(loss_tokens=0, loss_rows=0, coarse=0), RTNPass(), aq],
         "os-shift": lambda: [osp(shift="on"), RTNPass(), aq],
-        "os-gptq": lambda: [osp(), GPTQPass(), aq],
+        "os-gptq": lambda: [osp(), recipe_gptq(), aq],
+        "naive-gptq": lambda: [recipe_gptq(), aq],
     }
     return table[method]()
 
@@ -81,14 +113,17 @@ def run_config(name: str, args, model_dir, calib, windows) -> dict:
     if name == "fp32":
         model, _ = full_model(model_dir)
         m = model_metrics(model, windows)
-        return {"config": name, "ppl": m.ppl, "tokens": m.tokens, "eval_s": round(time.time() - t0, 1)}
-    method, wb, ab, dpfp = parse(name)
-    spec = QuantSpec(bits=wb, group_size=-1, sym=False)
+        return {"config": name, "series": SERIES, "ppl": m.ppl, "tokens": m.tokens, "windows": len(windows),
+                "eval_s": round(time.time() - t0, 1)}
+    method, wb, ab, down = parse(name)
+    if method.startswith("naive") and down == "migrated":
+        down = "quantized"  # nothing migrates without a migration pass
+    spec = QuantSpec(bits=wb, group_size=-1, sym=method.startswith("os-recipe"))  # the recipe: symmetric W
     defaults = Defaults(bits=wb, group_size=-1, act_bits=ab, act_granularity="token")
-    passes = passes_for(method, dpfp, args)
+    passes = passes_for(method, down, args)
     for p in passes:
         p.spec, p.defaults = spec, defaults
-    n = 0 if method == "naive" else args.calib_samples
+    n = 0 if method == "naive" else 1 if method == "os-old" else args.calib_samples
     out = Path(tempfile.mkdtemp(prefix="ptq-osplus-bench-")) / name
     sm = StreamingModel.open(str(model_dir))
     w = DenseWriter(out, sm, spec)
@@ -103,13 +138,13 @@ def run_config(name: str, args, model_dir, calib, windows) -> dict:
     model, _ = full_model(out)
     spec_json = load_act_quant(model, out)
     m = model_metrics(model, windows)
-    res = {"config": name, "method": method, "w_bits": wb, "a_bits": ab,
-           "down_proj_input": "fp" if dpfp else "quantized", "ppl": m.ppl, "tokens": m.tokens,
+    res = {"config": name, "series": SERIES, "method": method, "w_bits": wb, "a_bits": ab,
+           "down_proj_input": down, "ppl": m.ppl, "tokens": m.tokens,
            "windows": len(windows), "calib_samples": n, "calib_seqlen": 512,
            "act_quant_linears": sum(1 for e in (spec_json or {}).get("linears", {}).values() if e.get("quant", True)),
            "compress_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)}
     for k in loop.layer_stats[0]:
-        if k.endswith(("os_t", "os_smax", "sq_smax", "os_evals")):
+        if k.endswith(("os_t", "os_smax", "sq_smax", "os_evals", "os_loss", "os_loss_noscale")):
             res["mean_" + k] = sum(s[k] for s in loop.layer_stats) / len(loop.layer_stats)
     shutil.rmtree(out.parent, ignore_errors=True)
     return res
@@ -132,6 +167,7 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=64,
                     help="512-token calibration samples for every method (official OS+: 16 x 2048 tokens)")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--no-log", action="store_true", help="print the rows without appending them (exploration)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.table:
@@ -152,7 +188,7 @@ def main():
     windows = eval_windows(tokenize(read_text(DATA / "wikitext2_test.raw.txt"), tok), 512, args.windows)
     for name in names:
         res = run_config(name, args, model_dir, calib, windows)
-        print(append(TABLE, res), flush=True)
+        print(res if args.no_log else append(TABLE, res), flush=True)
 
 
 if __name__ == "__main__":

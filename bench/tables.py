@@ -242,6 +242,48 @@ def udfc_minilm():
     return ["bits", "prune", "none", "pair", "lstsq"], body
 
 
+@renderer("udfc_smollm2")
+def udfc_smollm2():
+    """bench/udfc_smollm2.py (docs/udfc.md): wikitext-2 perplexity per pruning ratio x bits and reconstruction;
+    auto = the closed form with the lower held-in (Austen) perplexity, its choice in brackets; best in bold."""
+    rs = rows("udfc_smollm2")
+    by = latest([r for r in rs if r["mode"] != "fp32"], "bits", "prune", "mode")
+    fp = [r for r in rs if r["mode"] == "fp32"][-1]
+    modes = ["none", "merge", "pair", "lstsq"]
+    body = [["fp32", "0 %", "", f2(fp["ppl"]), "", "", "", ""]]
+    for bits, prune in sorted({(k[0], k[1]) for k in by}):
+        cells = {m: by[(bits, prune, m)]["ppl"] for m in modes if (bits, prune, m) in by}
+        best = min(cells.values())
+        fmt = lambda m: "" if m not in cells else (  # noqa: E731
+            f"**{cells[m]:.2f}**" if len(cells) > 1 and cells[m] == best else f"{cells[m]:.2f}")
+        auto = by.get((bits, prune, "auto"))
+        inter = next(r for (b, p_, _m), r in by.items() if (b, p_) == (bits, prune)).get("intermediate", "")
+        body.append([str(bits), f"{100 * prune:.0f} %", str(inter)] + [fmt(m) for m in modes]
+                    + ["" if auto is None else f"{auto['ppl']:.2f} ({auto['chosen']})"])
+    return ["bits", "prune", "I", "none", "merge (baseline)", "pair", "lstsq", "auto (held-in choice)"], body
+
+
+@renderer("nupes_smollm2")
+def nupes_smollm2():
+    """bench/nupes_smollm2.py (docs/nupes.md): wikitext-2 perplexity per method x setting; best in bold."""
+    rs = rows("nupes_smollm2")
+    by = latest([r for r in rs if r["method"] != "fp"], "method", "config")
+    fp = [r for r in rs if r["method"] == "fp"][-1]
+    cfgs = [c for c in ("w3pc", "w4pc", "w3g64", "w4g64") if any(k[1] == c for k in by)]
+    names = {"rtn-sym": "RTN symmetric", "rtn": "RTN asymmetric", "gptq-sym": "GPTQ symmetric",
+             "gptq": "GPTQ asymmetric", "nupes-df": "NUPES data-free", "nupes": "NUPES data-driven"}
+    best = {c: min(r["ppl"] for (m, c_), r in by.items() if c_ == c) for c in cfgs}
+    body = [["fp32"] + [f2(fp["ppl"])] * len(cfgs)]
+    for m in names:
+        if not any(k[0] == m for k in by):
+            continue
+        cell = lambda c: "" if (m, c) not in by else (  # noqa: E731
+            f"**{by[(m, c)]['ppl']:.2f}**" if by[(m, c)]["ppl"] == best[c] else f"{by[(m, c)]['ppl']:.2f}")
+        body.append([names[m]] + [cell(c) for c in cfgs])
+    labels = {"w3pc": "W3 per channel", "w4pc": "W4 per channel", "w3g64": "W3 g64", "w4g64": "W4 g64"}
+    return ["method"] + [labels[c] for c in cfgs], body
+
+
 @renderer("gate_smollm2")
 def gate_smollm2():
     """bench/gate_smollm2.py (docs/ci.md): exact gate metrics vs the stored-baseline mode (top-k KL lower bound)."""
@@ -266,6 +308,67 @@ def ds_attention_speed():
                      f"{sp['DS kv fp16']:.2f}x", f"{sp['DS kv 4-bit']:.2f}x", f"{sp['DS head fp16']:.2f}x"])
     return ["cached tokens S", "k", "r", "dense sdpa ms", "dense bmm ms", "DS fp16 labels ms", "DS 4-bit labels ms",
             "DS per-query-head top-k ms", "speedup fp16 labels", "4-bit labels", "per query head"], body
+
+
+@renderer("ds_generate_speed")
+def ds_generate_speed():
+    """bench/ds_generate_speed.py (docs/double_sparsity.md): model.generate decode tokens/s (CPU time) after a long
+    prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (one top-k per KV head, and per
+    query head when measured); teacher-forced top-1 agreement with dense."""
+    body = []
+    for r in latest(rows("ds_generate_speed"), "prompt_tokens", "heavy_tokens", "r", "label_bits").values():
+        t = r["tokens_per_s_cpu"]
+        tf = r.get("teacher_forced", {})
+        for name, sel in (("double sparsity", "kv"), ("double sparsity (head)", "head")):
+            if name not in t:
+                continue
+            agree = tf.get(name, {}).get("top1_agreement")
+            body.append([str(r["prompt_tokens"]), str(r["heavy_tokens"]), str(r["r"]), str(r["label_bits"]), sel,
+                         f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t[name]:.2f}",
+                         f"{t[name] / t['dense (DynamicCache)']:.2f}x", f"{t[name] / t['dense (DSCache)']:.2f}x",
+                         "" if agree is None else f"{agree:.2f}"])
+    return ["prompt tokens", "k", "r", "label bits", "top-k per", "dense tok/s (transformers DynamicCache)",
+            "dense tok/s (DSCache buffers)", "DS tok/s", "DS vs dense", "DS vs dense buffers",
+            "top-1 agreement (teacher-forced)"], body
+
+
+def _latest_run(rs: list[dict], *keys: str) -> list[dict]:
+    """The rows of the latest invocation: the trailing rows with the last row's command (a row's commit may
+    differ within one run), the latest per ``keys``, in their order."""
+    block = []
+    for r in reversed(rs):
+        if r.get("command") != rs[-1].get("command"):
+            break
+        block.insert(0, r)
+    return list(latest(block, *keys).values()) if keys else block
+
+
+@renderer("ds_smollm2_ppl")
+def ds_smollm2_ppl():
+    """bench/ds_smollm2.py --part ppl (docs/double_sparsity.md): wikitext-2 perplexity at 2048 tokens; per token
+    selection, the latest run with that selection (its dense row measured in the same run)."""
+    rs = rows("ds_smollm2_ppl")
+    body = []
+    for sel in ("kv", "head", "query-labels"):
+        mine = [r for r in rs if r.get("selection") == sel]
+        if not mine:
+            continue
+        run = _latest_run(mine, "config")
+        dense = next(r for r in run if r["config"] == "dense")
+        for r in run:
+            d = r is dense
+            body.append([sel, r["config"], f"{r['ppl']:.3f}", "" if d else pct(r["ppl"] / dense["ppl"] - 1),
+                         f"{r['ppl_tail']:.3f}", "" if d else pct(r["ppl_tail"] / dense["ppl_tail"] - 1)])
+    return ["selection", "config (tokens kept, label channels, labels)", "ppl (all positions)", "vs dense",
+            "ppl (positions >= 1024)", "vs dense"], body
+
+
+@renderer("ds_smollm2_retrieval")
+def ds_smollm2_retrieval():
+    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval, the latest run."""
+    body = [[str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
+            for r in _latest_run(rows("ds_smollm2_retrieval"), "length", "config")]
+    return ["prompt tokens", "config", "keys retrieved"], body
 
 
 @renderer("cskv_equal_bytes")

@@ -1,29 +1,39 @@
-"""UDFC on SmolLM2-135M: prune 10/20/30% of the MLP channels + 6/8-bit per-channel RTN, with and without the
-closed-form reconstruction (no calibration data anywhere). Metric: wikitext-2 perplexity on non-overlapping
-512-token windows (no BOS) and top-1 agreement with fp32.
+"""UDFC on SmolLM2-135M: prune 10/20/30 % of the MLP channels + 6/8-bit per-channel RTN, in one process (the model
+is compressed from the cached checkpoint and evaluated in memory for every setting). Reconstructions compared on
+the same kept channels: none (drop the columns), merge (data-free Neuron-Merging baseline: cosine partner,
+norm-ratio scale, no covariance model), pair and lstsq (UDFC's closed forms), and auto: per setting, the closed
+form with the lower perplexity on held-in Jane Austen text (the start of Emma), never on the evaluated windows.
+No calibration data enters any compression. Metric: wikitext-2 perplexity on the first N non-overlapping
+512-token windows (no BOS) and top-1 agreement with fp32. Appends one row per setting to
+bench/results/udfc_smollm2.jsonl.
 
-    PYTHONPATH=. .venv/bin/python bench/udfc_smollm2.py --windows 40 > udfc_smollm2.log 2>&1
+    PYTHONPATH=. python bench/udfc_smollm2.py --windows 40 > udfc_smollm2.log 2>&1
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from calib.data import read_text, tokenize
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from results_log import append  # noqa: E402
+from calib.data import read_text, tokenize  # noqa: E402
 from ptq.eval.metrics import eval_windows
 from ptq.model_io import full_model, tokenizer_for
 from ptq.models.smollm2 import ensure_cache
 from ptq.passes.udfc import udfc_full_model
 from ptq.quant.primitives import QuantSpec
 
-DATA = str(Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-           / "wikitext2_test.raw.txt")
+DATA_DIR = Path(os.environ.get("PTQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CLOSED_FORMS = ("pair", "lstsq")
 
 
 @torch.no_grad()
@@ -45,45 +55,59 @@ def evaluate(model, windows, ref_top=None, bs=4):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--heldin-windows", type=int, default=4, help="Jane Austen (Emma) windows for the auto choice")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--bits", type=int, nargs="+", default=[6, 8])
-    ap.add_argument("--modes", nargs="+", default=["none", "pair", "lstsq"])
-    ap.add_argument("--group-size", type=int, default=-1)
+    ap.add_argument("--modes", nargs="+", default=["none", "merge", "pair", "lstsq"])
     ap.add_argument("--input-model", default="propagate", help="propagate | isotropic")
     ap.add_argument("--no-baseline", action="store_true", help="skip the 0%%-pruning RTN rows")
-    ap.add_argument("--no-ref", action="store_true", help="skip the fp32 evaluation (no top-1 column)")
+    ap.add_argument("--dry", action="store_true", help="print, append no rows")
     args = ap.parse_args()
     torch.set_num_threads(1)
     src = ensure_cache()
     tok = tokenizer_for(src)
-    windows = eval_windows(tokenize(read_text(DATA), tok), args.seqlen, args.windows)
-    ppl_ref, ref_top, t = float("nan"), None, time.time()
-    if not args.no_ref:
-        ref, _ = full_model(src)
-        ppl_ref, _, ref_top = evaluate(ref.eval(), windows)
-        del ref
-    print(f"fp32: ppl {ppl_ref:.3f} ({time.time() - t:.0f} s/eval), {windows.shape[0]} x {args.seqlen} tokens",
-          flush=True)
-    rows = []
+    windows = eval_windows(tokenize(read_text(str(DATA_DIR / "wikitext2_test.raw.txt")), tok), args.seqlen,
+                           args.windows)
+    heldin = eval_windows(tokenize(read_text(str(DATA_DIR / "janeausten" / "emma.txt")), tok), args.seqlen,
+                          args.heldin_windows)
+    log = (lambda table, row: print("ROW", row)) if args.dry else append
+    t = time.time()
+    ref, _ = full_model(src)
+    ppl_ref, _, ref_top = evaluate(ref.eval(), windows)
+    held_ref = evaluate(ref, heldin)[0]
+    del ref
+    common = dict(windows=int(windows.shape[0]), heldin_windows=int(heldin.shape[0]), input_model=args.input_model)
+    log("udfc_smollm2", dict(bits=None, prune=0.0, mode="fp32", ppl=ppl_ref, top1=1.0, heldin_ppl=held_ref,
+                             **common))
+    print(f"fp32: ppl {ppl_ref:.3f} held-in {held_ref:.3f} ({time.time() - t:.0f} s), "
+          f"{windows.shape[0]} x {args.seqlen} tokens", flush=True)
+    moments = {}  # propagated input moments: the same for every setting
     for bits in args.bits:
-        spec = QuantSpec(bits=bits, group_size=args.group_size)
+        spec = QuantSpec(bits=bits, group_size=-1)
         for ratio in ([] if args.no_baseline else [0.0]) + args.ratios:
+            found = {}
             for mode in (["none"] if ratio == 0 else args.modes):
+                t = time.time()
                 opts = dict(prune_ratio=ratio, reconstruct=mode != "none", mode="pair" if mode == "none" else mode,
                             input_model=args.input_model)
                 if mode == "none":
                     opts["attn_comp"] = False
-                model, cfg, _ = udfc_full_model(src, spec, **opts)
+                model, cfg, _ = udfc_full_model(src, spec, moment_cache=moments, **opts)
                 ppl, top1, _ = evaluate(model, windows, ref_top)
+                held = evaluate(model, heldin)[0] if mode in CLOSED_FORMS else None
                 del model
-                rows.append((bits, ratio, cfg.intermediate_size, mode, ppl, top1))
-                print(f"W{bits} prune {ratio:.0%} (I={cfg.intermediate_size}) {mode:6s} ppl {ppl:9.3f}  "
-                      f"top1 {top1:.4f}", flush=True)
-    print(f"\n| bits | prune | I | reconstruction | ppl (fp32 {ppl_ref:.3f}) | top-1 vs fp32 |")
-    print("|---|---|---|---|---|---|")
-    for bits, ratio, inter, mode, ppl, top1 in rows:
-        print(f"| {bits} | {ratio:.0%} | {inter} | {mode} | {ppl:.3f} | {top1:.4f} |")
+                found[mode] = dict(ppl=ppl, top1=top1, heldin_ppl=held)
+                log("udfc_smollm2", dict(bits=bits, prune=ratio, intermediate=cfg.intermediate_size, mode=mode,
+                                         **found[mode], **common))
+                print(f"W{bits} prune {ratio:.0%} (I={cfg.intermediate_size}) {mode:6s} ppl {ppl:9.3f} top1 "
+                      f"{top1:.4f} held-in {held if held is not None else float('nan'):.3f} "
+                      f"({time.time() - t:.0f} s)", flush=True)
+            if all(m in found for m in CLOSED_FORMS):
+                chosen = min(CLOSED_FORMS, key=lambda m: found[m]["heldin_ppl"])
+                log("udfc_smollm2", dict(bits=bits, prune=ratio, intermediate=cfg.intermediate_size, mode="auto",
+                                         chosen=chosen, **found[chosen], **common))
+                print(f"W{bits} prune {ratio:.0%} auto -> {chosen} (held-in)", flush=True)
 
 
 if __name__ == "__main__":

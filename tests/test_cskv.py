@@ -212,3 +212,31 @@ def test_quantization_aware_fit_lowers_quantized_error():
         e_plain = recon_error(w, af, bf, x, quant)
         slack = 1.01 if quant["axis"] == "channel" else 0.99  # 3-bit K: on par; 2-bit V: QAT clearly lower
         assert recon_error(w, aq, bq, x, quant) < slack * e_plain, quant
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_codes_equals_primitive_unpack(bits):
+    from ptq.kv.cskv_cache import unpack_codes
+    from ptq.quant.primitives import pack, unpack
+
+    for k in (5, 16, 72):
+        codes = torch.randint(0, 2**bits, (2, 7, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+        packed = pack(codes, bits)
+        assert torch.equal(unpack_codes(packed, bits, k), codes)
+        assert torch.equal(unpack_codes(packed, bits, k), unpack(packed, bits, k))
+
+
+def test_rope_table_is_shared_and_grows_with_the_cache(tiny_models):
+    """The rotary table a decode step reads covers every cached position once (computed for new positions only),
+    equals the model's rotary embedding at those positions, and is dropped when the batch is reordered."""
+    model = _converted(tiny_models["llama-gqa"], k_density=0.5, v_density=0.5, window=8, k_bits=4, v_bits=4)
+    ids = torch.randint(2, 300, (1, 21), generator=torch.Generator().manual_seed(3))
+    _, cache = _decode(model, ids, prefill=13)
+    cos, sin = cache._rope
+    assert cos.shape[:2] == (1, 21)
+    pos = torch.arange(21)[None]
+    ref_cos, ref_sin = model.model.rotary_emb(cos, pos)
+    torch.testing.assert_close(cos, ref_cos, atol=0, rtol=0)
+    torch.testing.assert_close(sin, ref_sin, atol=0, rtol=0)
+    cache.reorder_cache(torch.tensor([0]))
+    assert cache._rope is None

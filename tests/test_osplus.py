@@ -153,6 +153,49 @@ def test_outlier_error_ordering_w8a8(gran):
     assert full <= info["loss"] * 1.1, (full, info["loss"])
 
 
+def test_subsampled_loss_is_unbiased():
+    """The token subsample keeps the outlier tokens and reweights the random rest to the population it stands
+    for: its loss estimates the full-data loss, where the unweighted mean over-counts the outliers."""
+    x, lin = planted(T=2048, seed=3)
+    x[:40] *= 6.0  # a few outlier tokens (the top-k of the subsample)
+    wspec = QuantSpec(bits=4, group_size=-1)
+    act_q = make_act_quant(4, "token", False)
+    xs = [x[None]]
+    s = torch.ones(1, 64)
+    full = LossProbe(_Fc(lin), xs, wspec, act_q, 0, 0).losses(s, [None])[0]
+    est = []
+    for unbiased in (True, False):
+        LossProbe.unbiased = unbiased
+        try:
+            est.append(sum(LossProbe(_Fc(lin), xs, wspec, act_q, 256, 0, seed=k).losses(s, [None])[0]
+                           for k in range(4)) / 4)
+        finally:
+            LossProbe.unbiased = True
+    assert abs(est[0] / full - 1) < 0.1, (est[0], full)
+    assert est[1] > 1.5 * full, (est[1], full)
+
+
+def test_normed_down_loss_and_shared_mlp_capture(tmp_path):
+    """down_loss normed: down_proj's token errors are divided by the residual's mean square; the gate/up and
+    down_proj inputs are captured in one partial forward. The folded model stays exact."""
+    src = outlier_model("llama", tmp_path / "src")
+    with pytest.raises(ValueError, match="down_loss"):
+        run(src, [OSPlusPass(OSPlusPass.Options(down_loss="l1"))], tmp_path / "bad", Defaults(act_bits=4))
+    p = OSPlusPass(OSPlusPass.Options(grid=8, max_steps=8, search_samples=2, down_loss="normed"))
+    loop = run(src, [p], tmp_path / "out", Defaults(act_bits=4))
+    assert all(s["mlp_out.os_loss"] <= s["mlp_out.os_loss_noscale"] for s in loop.layer_stats)
+    ref, _ = full_model(src)
+    new, _ = full_model(tmp_path / "out")
+    ids = torch.randint(2, 300, (2, 48), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(logits(new, ids), logits(ref, ids), atol=1e-4, rtol=1e-4)
+    # residual weighting: a token whose residual is 100x larger counts far less
+    x, lin = planted(T=64, C=64, O=64)
+    resid = torch.ones(1, 64, 64)
+    resid[0, 0] = 100.0
+    pr = LossProbe(_Fc(lin), [x[None]], None, make_act_quant(None, "token", False), 0, 0, residual=[resid])
+    assert pr.wt[0] < 1e-2 * pr.wt[1:].mean()
+
+
 def test_fold_helpers_exact():
     torch.manual_seed(0)
     ln = torch.nn.LayerNorm(16)

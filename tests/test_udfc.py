@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ptq.passes.udfc import n_keep_for, udfc_full_model
 from ptq.quant.primitives import QuantSpec
 from ptq.recipes import RecipeError, load_recipe, parse_recipe
-from ptq.passes.udfc_math import Channels, channels_from_mlp, cross_cov, gauss_act_moments, reconstruct
+from ptq.passes.udfc_math import (Channels, channels_from_mlp, cross_cov, gauss_act_moments, merge_by_cosine,
+                                  reconstruct)
 
 torch.set_num_threads(1)
 
@@ -230,3 +231,16 @@ def test_resumed_run_replays_moments(tiny_models):
         return sm.layers[1].mlp.down_proj.weight.data
 
     assert torch.equal(layer1(0), layer1(1))
+
+
+def test_merge_baseline_merges_redundant_channels_only_above_threshold():
+    """Neuron-Merging baseline: on noisy rescaled copies it finds the copy's source with the norm-ratio scale and
+    lowers the next-layer error; with a threshold above every cosine it is plain column dropping."""
+    Wg, Wu, D, h = _gated(redundant=True)
+    keep = torch.arange(32)  # keep the originals, prune the copies
+    plain = _err(D, h, keep, D[:, keep])
+    rec = merge_by_cosine(D, Wg, Wu, keep, threshold=0.3)
+    assert torch.equal(rec.partner, torch.arange(32))  # every copy goes to its source
+    assert ((rec.s > 0.55) & (rec.s < 0.85)).all()  # norm ratio: 0.6 inflated by the copies' noise
+    assert _err(D, h, keep, rec.D) < 0.3 * plain
+    assert torch.equal(merge_by_cosine(D, Wg, Wu, keep, threshold=1.01).D, D[:, keep])

@@ -2,15 +2,15 @@
 
 Per quantized Linear ``path`` with ``W [N, K]``, ``b`` bits, ``G = ceil(K / gs)`` groups:
 
-  ``path.codes``     uint8 ``[N, ceil(K*b/8)]``  unsigned codes ``c = q + 2^(b-1)`` packed LSB-first along K
+  ``path.codes``     uint8 ``[N, ceil(K*b/8)]``  unsigned codes ``c = q + L`` packed LSB-first along K
                      (``ptq.quant.primitives.pack``; dense, 3-bit codes straddle bytes)
-  ``path.lut``       fp32  ``[N, 2^b]``          lookup table, one row per output channel (code 0 unused)
+  ``path.lut``       fp32  ``[N, 2^b]``          lookup table, one row per output channel (2^b levels)
   ``path.scales``    fp32  ``[N, G]``            only for grouped weights (``G > 1``)
   ``path.exponent``  fp32  ``[1]`` or ``[N]``    the power exponent(s) ``a`` (metadata; LUT = levels)
   ``path.shape``     int32 ``[2]``               ``[N, K]`` (K cannot be read from 3-bit packed codes)
   ``path.bias``      model dtype ``[N]``         optional
 
-Dequantization (``L = 2^(b-1) - 1``, ``q = c - 2^(b-1)``, ``s`` the power-domain scale):
+Dequantization (``L = 2^(b-1) - 1/2``, half-integer ``q = c - L``, ``s`` the power-domain scale):
   per channel (``G = 1``): ``lut[n, c] = sign(q)(|q| s_n)^(1/a)`` folded: ``W[n, k] = lut[n, codes[n, k]]``
   grouped:                 ``lut[n, c] = sign(q)|q|^(1/a)`` and ``scales = s^(1/a)``:
                            ``W[n, k] = scales[n, k // gs] * lut[n, codes[n, k]]``

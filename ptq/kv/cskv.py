@@ -254,7 +254,10 @@ class CSKVAttention(nn.Module):
         keep = self.ccfg.keep_keys and isinstance(past_key_values, CSKVCache)
         view = layer.append(k, v, self.k_proj_a(x), self.v_proj_a(x), pos, load_k=not keep)
         nr = view.rec_cv.shape[1]
-        cos_all, sin_all = self._cos_sin(x, view.pos)
+        if isinstance(past_key_values, CSKVCache):
+            cos_all, sin_all = past_key_values.rope_table(view.pos, lambda p: self._cos_sin(x, p))
+        else:
+            cos_all, sin_all = self._cos_sin(x, view.pos)
         if keep:
             k_rec = self._kept_keys(layer, view, cos_all, sin_all, x.dtype)
         else:

@@ -51,6 +51,19 @@ def dequantize_groups(codes, scale, lo) -> torch.Tensor:
     return codes.float() * scale.float() + lo.float()
 
 
+def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """`ptq.quant.primitives.unpack` for uint8 words: ``[..., W]`` -> uint8 codes ``[..., k]`` (same layout, code i
+    at bits ``(i % per) * bits`` of word ``i // per``). Widths that divide 8 shift in uint8 (a decode step unpacks
+    every cached code; the generic path widens to int64 first)."""
+    if packed.dtype != torch.uint8 or 8 % bits:
+        return unpack(packed, bits, k)
+    if bits == 8:
+        return packed[..., :k]
+    mask = 2**bits - 1
+    parts = [(packed >> (j * bits)) & mask for j in range(8 // bits)]
+    return torch.stack(parts, -1).flatten(-2)[..., :k]
+
+
 @dataclass
 class CSKVView:
     """What attention needs after an `append` of ``q`` new tokens (``P`` already cached, ``T = P + q``).
@@ -134,7 +147,7 @@ class CSKVLayer(CacheLayerMixin):
             return None if f is None else f[:, start:].to(dtype)
         if self.t.get("k_codes") is None:
             return None
-        codes = unpack(self.t["k_codes"][:, start:], self.k_bits, r)
+        codes = unpack_codes(self.t["k_codes"][:, start:], self.k_bits, r)
         b, n, _ = codes.shape
         c = codes.reshape(b, n // self.window, self.window, r)
         w0 = start // self.window
@@ -146,7 +159,7 @@ class CSKVLayer(CacheLayerMixin):
             return None if f is None else f.to(dtype)
         if self.t.get("v_codes") is None:
             return None
-        codes = unpack(self.t["v_codes"], self.v_bits, r)
+        codes = unpack_codes(self.t["v_codes"], self.v_bits, r)
         b, n, _ = codes.shape
         g = self.v_group or r
         c = codes.reshape(b, n, r // g, g)
@@ -241,6 +254,37 @@ class CSKVCache(Cache):
                  exact_prefill: bool = False):
         super().__init__(layers=[CSKVLayer(window, k_bits, v_bits, v_group, store_dtype) for _ in range(num_layers)])
         self.exact_prefill = exact_prefill
+        self._rope = None  # (cos, sin) [b, T, d] of the cached positions, shared by all layers
+
+    def rope_table(self, pos: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [b, T, d]`` for the positions ``pos [b, T]`` of every cached token. Every layer needs them
+        for the keys it rebuilds; they are computed (``fn(pos[:, a:b])`` = the model's rotary embedding) only for
+        positions not seen before and kept here, not per layer. Bookkeeping like the positions: not in `nbytes`."""
+        T = pos.shape[1]
+        have = 0 if self._rope is None else self._rope[0].shape[1]
+        if self._rope is not None and self._rope[0].shape[0] != pos.shape[0]:
+            have, self._rope = 0, None
+        if have < T:
+            c, s = fn(pos[:, have:])
+            self._rope = (c, s) if self._rope is None else (torch.cat([self._rope[0], c], 1),
+                                                            torch.cat([self._rope[1], s], 1))
+        return self._rope[0][:, :T], self._rope[1][:, :T]
+
+    def reset(self):
+        self._rope = None
+        super().reset()
+
+    def reorder_cache(self, beam_idx):
+        self._rope = None
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._rope = None
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices):
+        self._rope = None
+        super().batch_select_indices(indices)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -86,7 +86,8 @@ class SubModule:
     linear's output (OPT fc1, Phi-3's fused gate_up_proj, down_proj). ``calls[i] = (args, kwargs)`` of the captured module, ``xs[i] [b, L, C]``.
     """
 
-    def __init__(self, ctx: LayerContext, group, batches: list[Batch]):
+    def __init__(self, ctx: LayerContext, group, batches: list[Batch] | None):
+        """Captures the group's calls on ``batches`` (None: not yet, see `capture`)."""
         self.ctx, self.group = ctx, group
         lm = ctx.lmap
         self.lins = [ctx.module(n) for n in group.linears]
@@ -101,18 +102,30 @@ class SubModule:
         self.target = target
         self.calls: list[tuple[tuple, dict]] = []
         self.xs: list[torch.Tensor] = []
+        if batches is not None:
+            SubModule.capture([self], batches)
 
-        def hook(_m, args, kwargs):
-            if args:
-                x, args = args[0], args[1:]
-            else:
-                kwargs = dict(kwargs)
-                x = kwargs.pop("hidden_states")
-            self.calls.append((args, kwargs))
-            self.xs.append(x.detach())
-            raise _Caught
+    @staticmethod
+    def capture(subs: list["SubModule"], batches: list[Batch]) -> None:
+        """Record the calls of every sub-module in ``subs`` (same layer) with one partial layer forward per
+        batch, stopped once each of them has been called. Used for groups whose inputs do not change when an
+        earlier group's migration is folded (an exact transform): gate/up and down_proj of one MLP."""
+        ctx = subs[0].ctx
 
-        h = target.register_forward_pre_hook(hook, with_kwargs=True)
+        def make_hook(sub):
+            def hook(_m, args, kwargs):
+                if args:
+                    x, args = args[0], args[1:]
+                else:
+                    kwargs = dict(kwargs)
+                    x = kwargs.pop("hidden_states")
+                sub.calls.append((args, kwargs))
+                sub.xs.append(x.detach())
+                if all(len(o.calls) == len(sub.calls) for o in subs):
+                    raise _Caught
+            return hook
+
+        hs = [sub.target.register_forward_pre_hook(make_hook(sub), with_kwargs=True) for sub in subs]
         try:
             for b in batches:
                 try:
@@ -120,7 +133,8 @@ class SubModule:
                 except _Caught:
                     pass
         finally:
-            h.remove()
+            for h in hs:
+                h.remove()
 
     def tokens(self) -> torch.Tensor:
         """All captured inputs as ``[T, C]`` fp32."""

@@ -1,26 +1,24 @@
 """NUPES / PowerQuant: non-uniform power-exponent weight quantization (Yvinec et al., arXiv 2308.05600).
 
-Operator (see ptq.quant.power): ``q = round(sign(W)|W|^a / s)``, ``W^ = sign(q)(|q| s)^(1/a)``, ``s = r^a / L``
-with ``r [N, G]`` the per-(row, group) range (``max |W|`` initially) and ``L = 2^(b-1) - 1``.
+Operator (see ptq.quant.power): ``q = round_half(sign(W)|W|^a / s)``, ``W^ = sign(q)(|q| s)^(1/a)``, ``s = r^a / L``
+with ``r [N, G]`` the per-(row, group) range ``max |W|``, ``L = 2^(b-1) - 1/2``: ``2^b`` half-integer levels.
 
-* ``mode: data-free`` (PowerQuant): per linear (``per_channel_exponent``: per output row) golden-section search
-  of ``a in [a_min, a_max]`` minimizing ``||W - W^(a)||_F^2``.
-* ``mode: data-driven`` (NUPES): start from the searched ``a`` (column-weighted by ``diag(H)``), then learn,
-  jointly with Adam on the linear's output error over calibration inputs ``X [T, K]``
+* ``mode: data-free`` (PowerQuant): per linear (``per_channel_exponent``: per output row) grid + golden-section
+  search of ``a in [a_min, a_max]`` minimizing ``||W - W^(a)||_F^2``.
+* ``mode: data-driven`` (NUPES): per decoder layer, the exact input second moment ``H = X^T X [K, K]`` of every
+  linear (accumulated as the GPTQ pass does, with its true-sequential stages: linears later in the layer see the
+  outputs of the already quantized ones). Per linear:
 
-      loss = tr((W^ - W) H (W^ - W)^T) / tr(W H W^T),   H = X^T X / T   ``[K, K]``
+  1. ``a_0``: the same exponent search on the output error ``tr(E H E^T)`` of round-to-nearest, ``E = W^ - W``;
+  2. sequential rounding on the power grid (ptq.quant.power_gptq: GPTQ's error feedback through the Cholesky
+     factor of ``H^-1``, projection to the nearest power level), which can move a weight across any number of
+     levels of the quantized space;
+  3. the exponent optimised with the rounding inside: ``tr(E H E^T)`` of step 2 at ``a_0`` and ``a_0 +- delta``, a
+     parabola through the three, its vertex evaluated; the lowest error wins (per row with
+     ``per_channel_exponent``: GPTQ rows are independent, so each row keeps its own best exponent).
 
-  (i) a latent ``W~`` over the whole quantized space (codes may move by many levels, not only up/down),
-  hard-quantized in the forward with an identity straight-through estimator ``dW^/dW~ = 1``;
-  (ii) the exponent ``a`` and (iii) the ranges ``r`` by their exact gradients with the codes held fixed, in the
-  normalized form ``W^ = sign(q) r (|q|/L)^(1/a)`` (identical to ``(|q| s)^(1/a)`` for ``s = r^a / L``):
-  ``dW^/da = -W^ ln(|q|/L) / a^2`` is bounded (``|q| >= 1``, zero codes are masked), so the ``ln|w| -> -inf``
-  instability of ``d|w|^a/da = |w|^a ln|w|`` never appears; ``|W~|`` is clamped to ``>= eps`` in the power map.
-  ``a`` has its own small learning rate, its gradient norm is clipped, and it is projected on ``[a_min, a_max]``
-  after every step. The best iterate (lowest loss of the *hard* quantized weights) is kept, and the result
-  falls back to the data-free solution if training did not beat it.
-
-Chosen exponents are reported in ``ctx.stats["<linear>.exponent"]`` (mean for per-channel exponents).
+Chosen exponents are reported in ``ctx.stats["<linear>.exponent"]`` (mean for per-channel exponents),
+``exponent_search`` (``a_0``), ``out_err_rtn`` and ``out_err`` (``tr(E H E^T) / tr(W H W^T)``).
 """
 from __future__ import annotations
 
@@ -28,104 +26,23 @@ from dataclasses import dataclass
 
 import torch
 
-from ptq.pipeline import LayerContext, Pass
-from ptq.quant.power import group_absmax, power_quantize, qmax, search_exponent, to_qweight
-from ptq.quant.primitives import default_g_idx, expand_groups
+from ptq.passes.gptq import GPTQPass
+from ptq.pipeline import LayerContext
+from ptq.quant.power import fake_quantize_power, power_quantize, power_scale, search_exponent, to_qweight
+from ptq.quant.power_gptq import gptq_power, inverse_factor
+from ptq.quant.primitives import default_g_idx
 
 
-def output_error(w_hat: torch.Tensor, w: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """``tr((W^ - W) H (W^ - W)^T)`` for ``W [N, K]``, ``H [K, K]``."""
-    e = w_hat - w
-    return ((e @ H) * e).sum()
+def _rows_err(e: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``diag(E H E^T)`` ``[N]``."""
+    return ((e @ H) * e).sum(1)
 
 
-class HFactor:
-    """``H ~= F F^T + diag(d)``: top-``rank`` eigenpairs ``F = U sqrt(Lambda)`` ``[K, r]`` plus the exact remaining
-    diagonal ``d = diag(H - F F^T) >= 0`` ``[K]`` (``rank <= 0`` or ``>= K``: exact, ``d = 0``). The output error of
-    ``E [N, K]`` per row is ``||E F||^2 + E^2 d``: cost ``N K r`` instead of ``N K^2``."""
-
-    def __init__(self, H: torch.Tensor, rank: int = 128):
-        H = H.double()
-        lam, U = torch.linalg.eigh(H)
-        lam = lam.clamp(min=0)
-        k = H.shape[0]
-        r = k if rank <= 0 or rank >= k else rank
-        F = U[:, -r:] * lam[-r:].sqrt()
-        self.F = F.float()
-        self.d = (H.diagonal() - (F * F).sum(1)).clamp(min=0).float() if r < k else torch.zeros(k)
-
-    def rows(self, e: torch.Tensor) -> torch.Tensor:
-        """Per-row output error ``[N]``."""
-        return (e @ self.F).pow(2).sum(1) + e.pow(2) @ self.d
-
-    def total(self, e: torch.Tensor) -> torch.Tensor:
-        return (e @ self.F).pow(2).sum() + (e.pow(2) @ self.d).sum()
-
-
-def train_nupes(w: torch.Tensor, hf: HFactor, bits: int, gs: int, a0, steps: int = 60, lr: float = 5e-3,
-                lr_exponent: float = 2e-3, lr_range: float = 1e-3, clip_exponent: float = 1.0,
-                a_min: float = 0.2, a_max: float = 1.0, eps: float = 1e-8, learn_range: bool = True):
-    """Data-driven NUPES for one linear ``w [N, K]`` with the input-moment factor ``hf`` (cosine lr decay).
-
-    Returns ``(a, r, w_latent, history)``; ``a`` float or ``[N]``, ``r [N, G]``: quantize the result with
-    ``power_quantize(w_latent, r^a / L, a, ...)``. ``history`` is the normalized loss of the hard weights per step.
-    """
-    w = w.float()
-    n, k = w.shape
-    L = qmax(bits)
-    g_idx = default_g_idx(k, gs)
-    per_channel = isinstance(a0, torch.Tensor) and a0.numel() > 1
-    r0 = group_absmax(w, gs).clamp(min=eps)
-    scale_n = expand_groups(r0, g_idx)  # latent is stored normalized by the initial range (Adam lr ~ 1/range)
-    v = (w / scale_n).clone().requires_grad_(True)
-    log_r = torch.zeros_like(r0, requires_grad=True)
-    a_t = (a0.reshape(-1, 1).float().clone() if per_channel else torch.tensor(float(a0))).requires_grad_(True)
-    groups = [{"params": [v], "lr": lr}, {"params": [a_t], "lr": lr_exponent}]
-    if learn_range:
-        groups.append({"params": [log_r], "lr": lr_range})
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    norm = float(hf.total(w)) + 1e-30
-    best = (float("inf"), None)
-    hist = []
-    for step in range(steps + 1):
-        a = a_t.clamp(a_min, a_max)
-        r = r0 * torch.exp(log_r)
-        wl = v * scale_n  # latent weights [N, K]
-        with torch.no_grad():  # codes: power map of the latent with |w~| >= eps, hard rounding
-            s = torch.pow(r, a.detach()) / L
-            u = torch.sign(wl) * torch.pow(wl.abs().clamp(min=eps), a.detach()) / expand_groups(s, g_idx)
-            q = torch.clamp(torch.round(u), -L, L)
-            nz = q != 0
-            qn = q.abs().clamp(min=1) / L  # |q|/L in [1/L, 1]; zero codes masked below
-        lvl = torch.sign(q) * torch.pow(qn, 1.0 / a) * nz  # grad to a: -lvl ln(|q|/L)/a^2, bounded
-        w_hard = expand_groups(r, g_idx) * lvl
-        w_q = w_hard + (wl - wl.detach())  # identity STE to the latent
-        loss = hf.total(w_q - w) / norm
-        lv = float(loss.detach())
-        if not torch.isfinite(loss):
-            break
-        hist.append(lv)
-        if lv < best[0]:
-            best = (lv, (a.detach().clone(), r.detach().clone(), wl.detach().clone()))
-        if step == steps:
-            break
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([a_t], clip_exponent)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            a_t.clamp_(a_min, a_max)
-    a, r, wl = best[1]
-    a = a.reshape(-1) if per_channel else float(a)
-    return a, r, wl, hist
-
-
-class NUPESPass(Pass):
+class NUPESPass(GPTQPass):
     name = "nupes"
     needs_calibration = True
     quantizes_weights = True
+    mixed_bits = False  # one bit width for every linear (self.spec), unlike GPTQ
 
     @dataclass
     class Options:
@@ -135,100 +52,112 @@ class NUPESPass(Pass):
         a_max: float = 1.0
         grid: int = 17
         golden_iters: int = 12
-        steps: int = 60
-        rank: int = 128  # H ~= top-rank eigenpairs + exact diagonal remainder (<= 0: exact H)
-        lr: float = 5e-3  # latent weights, in units of the per-group range
-        lr_exponent: float = 2e-3
-        lr_range: float = 1e-3
-        clip_exponent: float = 1.0
-        learn_range: bool = True
-        max_tokens: int = 4096  # calibration tokens per linear used for H (random subsample)
-        damp: float = 0.0  # H += damp * mean(diag H) * I
-        seed: int = 0
+        delta: float = 0.08  # data-driven: exponent step of the line search around a_0 (0: a_0 only)
+        act_order: bool = True
+        true_sequential: bool = True
+        damp: float = 0.01
+        block_size: int = 128
+        min_tokens: int = 16  # fewer calibration tokens (starved MoE expert): data-free search instead
 
         def __post_init__(self):
             if self.mode not in ("data-driven", "data-free"):
                 raise ValueError(f"mode must be data-driven or data-free, got {self.mode!r}")
             if not 0 < self.a_min < self.a_max <= 1.0:
                 raise ValueError("need 0 < a_min < a_max <= 1")
+            if self.delta < 0:
+                raise ValueError("delta must be >= 0")
 
     def _gs(self, k: int) -> int:
         return k if self.spec.group_size == -1 else self.spec.group_size
 
-    def _hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, torch.Tensor]:
-        """``H = X^T X / T`` ``[K, K]`` per linear; linears sharing an input share one H."""
-        firsts = {}
-        for n in names:
-            g = ctx.lmap.group_of(n)
-            firsts.setdefault(g.name, n)
-        want = set(firsts.values())
-        total = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in ctx.batches)
-        keep = min(1.0, self.opts.max_tokens / max(total, 1))
-        gen = torch.Generator().manual_seed(self.opts.seed + ctx.index)
-        acc: dict[str, list] = {}
-
-        def fn(name, x):
-            if name not in want:
-                return
-            if keep < 1.0:
-                x = x[torch.rand(x.shape[0], generator=gen) < keep]
-            h, t = acc.get(name, (0.0, 0))
-            acc[name] = (h + x.T @ x, t + x.shape[0])
-
-        ctx.collect_inputs(sorted(want), fn)
-        out = {}
-        for n in names:
-            h, t = acc[firsts[ctx.lmap.group_of(n).name]]
-            H = h / max(t, 1)
-            if self.opts.damp > 0:
-                H = H + self.opts.damp * H.diagonal().mean() * torch.eye(H.shape[0])
-            out[n] = H
-        return out
-
+    @torch.no_grad()
     def apply(self, ctx: LayerContext) -> None:
         o = self.opts
-        names = ctx.linears()
-        data = o.mode == "data-driven" and bool(ctx.batches)
-        Hs = self._hessians(ctx, names) if data else {}
-        factors: dict[int, HFactor] = {}
-        bits = self.spec.bits
-        for name in names:
-            lin = ctx.module(name)
-            w = lin.weight.data.float()
-            gs = self._gs(w.shape[1])
-            g_idx = default_g_idx(w.shape[1], gs)
-            H = Hs.get(name)
-            hf = None
-            if H is not None:
-                hf = factors.get(id(H)) or factors.setdefault(id(H), HFactor(H, o.rank))
-            a0, _ = search_exponent(w, bits, self.spec.group_size, o.per_channel_exponent, o.a_min, o.a_max,
-                                    o.grid, o.golden_iters, err_fn=hf.rows if hf is not None else None)
-            qw = _quantize(w, a0, bits, gs, g_idx)
-            a = a0
-            if hf is not None and o.steps > 0:
-                err0 = float(hf.total(qw.dequantize() - w))
-                with torch.enable_grad():
-                    a1, r1, wl, _ = train_nupes(w, hf, bits, gs, a0, o.steps, o.lr, o.lr_exponent, o.lr_range,
-                                                o.clip_exponent, o.a_min, o.a_max, learn_range=o.learn_range)
-                s1 = torch.pow(r1, a1 if isinstance(a1, float) else a1.reshape(-1, 1)) / qmax(bits)
-                qw1 = to_qweight(power_quantize(wl, s1, a1, bits, g_idx), s1, a1, bits, gs, g_idx)
-                err1 = float(hf.total(qw1.dequantize() - w))
-                norm = float(hf.total(w)) + 1e-30
-                ctx.stats[f"{name}.out_err_search"] = err0 / norm
-                ctx.stats[f"{name}.out_err"] = min(err0, err1) / norm
-                ctx.stats[f"{name}.exponent_search"] = _mean(a0)
-                if err1 < err0:
-                    qw, a = qw1, a1
-            deq = qw.dequantize()
-            ctx.stats[f"{name}.exponent"] = _mean(a)
-            ctx.stats[f"{name}.wmse"] = float((deq - w).pow(2).mean())
-            lin.weight.data = deq.to(lin.weight.dtype)
-            ctx.qweights[ctx.prefix + name] = qw
+        present = set(ctx.linears())
+        if o.mode == "data-free" or not ctx.batches:
+            for name in sorted(present, key=ctx.lmap.linears().index):
+                self._set(ctx, name, self._data_free(ctx.module(name).weight.data.float()))
+            return
+        for names in filter(None, self._stages(ctx, present, o.true_sequential)):
+            hs = self._hessians(ctx, names)
+            for n in names:
+                w = ctx.module(n).weight.data.float()
+                acc = hs.pop(n)
+                if acc.n < o.min_tokens:
+                    self._set(ctx, n, self._data_free(w))
+                    continue
+                qw, a, st = self._data_driven(w, acc.H)
+                for k, v in st.items():
+                    ctx.stats[f"{n}.{k}"] = v
+                self._set(ctx, n, (qw, a))
+
+    def _set(self, ctx, name, qa):
+        qw, a = qa
+        lin = ctx.module(name)
+        deq = qw.dequantize()
+        ctx.stats[f"{name}.exponent"] = _mean(a)
+        ctx.stats[f"{name}.wmse"] = float((deq - lin.weight.data.float()).pow(2).mean())
+        lin.weight.data = deq.to(lin.weight.dtype)
+        ctx.qweights[ctx.prefix + name] = qw
+
+    def _data_free(self, w):
+        o, bits = self.opts, self.spec.bits
+        gs = self._gs(w.shape[1])
+        a, _ = search_exponent(w, bits, self.spec.group_size, o.per_channel_exponent, o.a_min, o.a_max,
+                               o.grid, o.golden_iters)
+        return _quantize(w, a, bits, gs, default_g_idx(w.shape[1], gs)), a
+
+    def _data_driven(self, w: torch.Tensor, H: torch.Tensor):
+        """(QuantizedWeight, exponent, stats) of ``w [N, K]`` with input moment ``H [K, K]`` (module docstring)."""
+        o, bits = self.opts, self.spec.bits
+        gs = self._gs(w.shape[1])
+        g_idx = default_g_idx(w.shape[1], gs)
+        pc = o.per_channel_exponent
+        a0, _ = search_exponent(w, bits, self.spec.group_size, pc, o.a_min, o.a_max, o.grid, o.golden_iters,
+                                err_fn=lambda e: _rows_err(e, H))
+        norm = float(_rows_err(w, H).sum()) + 1e-30
+        err_rtn = float(_rows_err(fake_quantize_power(w, a0, bits, self.spec.group_size) - w, H).sum())
+        U = inverse_factor(H, o.damp, o.act_order)
+        n = w.shape[0]
+        tried = {}
+
+        def run(a):  # a: [N] tensor (per row) -> per-row errors [N], codes, s
+            key = tuple(torch.round(a * 1e6).tolist()) if pc else round(float(a[0]), 6)
+            if key not in tried:
+                aa = a if pc else float(a[0])
+                s = power_scale(w, aa, bits, gs)
+                codes, deq = gptq_power(w, H, aa, s, bits, g_idx, o.block_size, o.damp, o.act_order, U=U)
+                tried[key] = (_rows_err(deq - w, H), codes, s, a.clone())
+            return tried[key]
+
+        base = a0.float() if pc else torch.full((n,), float(a0))
+        cands = [base]
+        if o.delta > 0:
+            cands += [(base - o.delta).clamp(o.a_min, o.a_max), (base + o.delta).clamp(o.a_min, o.a_max)]
+        res = [run(a) for a in cands]
+        if len(res) == 3:  # parabola through (a0 - d, a0, a0 + d), per row (or for the sum), vertex in the bracket
+            e = torch.stack([r[0] for r in res]) if pc else torch.stack([r[0].sum().expand(n) for r in res])
+            em, e0, ep = e[1], e[0], e[2]
+            curv = em + ep - 2 * e0
+            step = torch.where(curv > 0, 0.5 * (em - ep) / curv.clamp_min(1e-30), torch.zeros_like(e0))
+            vertex = (base + step.clamp(-1, 1) * o.delta).clamp(o.a_min, o.a_max)
+            res.append(run(vertex))
+        if pc:  # GPTQ rows are independent: each row keeps its best candidate
+            errs = torch.stack([r[0] for r in res])  # [C, N]
+            pick = errs.argmin(0)
+            rows = torch.arange(n)
+            codes = torch.stack([r[1] for r in res])[pick, rows]
+            s = torch.stack([r[2] for r in res])[pick, rows]
+            a = torch.stack([r[3] for r in res])[pick, rows]
+            err = float(errs[pick, rows].sum())
+        else:
+            best = min(res, key=lambda r: float(r[0].sum()))
+            err, codes, s, a = float(best[0].sum()), best[1], best[2], float(best[3][0])
+        qw = to_qweight(codes, s, a, bits, gs, g_idx)
+        return qw, a, {"exponent_search": _mean(a0), "out_err_rtn": err_rtn / norm, "out_err": err / norm}
 
 
 def _quantize(w, a, bits, gs, g_idx):
-    from ptq.quant.power import power_scale
-
     s = power_scale(w, a, bits, gs)
     return to_qweight(power_quantize(w, s, a, bits, g_idx), s, a, bits, gs, g_idx)
 

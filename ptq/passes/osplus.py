@@ -18,13 +18,19 @@ Search cost (what makes 7B widths tractable; each is an option, see `OSPlusPass.
 
 * statistics (``T``, ``amax``, ``z``) use every token; the loss ``L(t)`` is evaluated on a token subset
   (``loss_tokens``: the ``loss_tokens // 8`` tokens with the largest ``max_j |X_tj|`` — the outliers that
-  decide ``t`` — plus a seeded random sample of the rest; attention: whole samples, up to ``loss_tokens``) and,
+  decide ``t`` — plus a seeded random sample of the rest, weighted ``(N - k) / m`` so that ``L`` stays an
+  unbiased estimate of the all-token mean; attention: whole samples, up to ``loss_tokens``) and,
   for linear / gated sub-modules, a seeded random subset of ``loss_rows`` output features (the loss is a sum
   over features);
 * candidates are evaluated in chunks as one batched matmul (``[c, T_s, C] x [c, C, N_s]``);
+* gate/up and down_proj inputs are captured in one partial layer forward (folding gate/up's scale is exact);
 * coarse-to-fine: ``coarse`` evenly spaced grid points first (stopping once ``patience`` consecutive points
   were worse than the best), then every grid point between the best coarse point's neighbours. The chosen
   ``t`` is always a point of the official grid; ``coarse: 0`` evaluates the whole grid.
+
+``down_loss: normed`` divides each token's down_proj output error by the mean square of the residual stream it
+is added to (``h = residual + y``, the input of the next RMSNorm): the error as the next layer sees it, so the few
+massive-activation tokens (``|y|`` in the hundreds) do not decide the scale for all other tokens.
 
 Shift on RMSNorm (no bias, option ``shift: on``, Llama only): the linears get explicit biases ``W z``
 (``config.attention_bias = mlp_bias = True``, zero biases for o_proj / down_proj) and their inputs an explicit
@@ -52,8 +58,14 @@ class LossProbe:
     per candidate on the captured calls ``idx``.
     """
 
+    unbiased = True  # weight the random tokens up to the population they stand for (False: plain mean)
+
+    @torch.no_grad()
     def __init__(self, sub: SubModule, xs: list[torch.Tensor], wspec, act_q, loss_tokens: int, loss_rows: int,
-                 seed: int = 0, chunk: int = 8):
+                 seed: int = 0, chunk: int = 8, residual: list[torch.Tensor] | None = None):
+        """``residual`` (kind ``linear``, ``[b, L, C_out]`` per call): the residual stream the output is added
+        to; each token's error is then divided by the mean square of ``residual + f(X)`` (the error as the next
+        RMSNorm sees it), so a few massive-activation tokens do not decide the scale for all others."""
         self.sub, self.wspec, self.act_q, self.chunk = sub, wspec, act_q, chunk
         g = torch.Generator().manual_seed(seed)
         if sub.kind == "attn":
@@ -67,6 +79,7 @@ class LossProbe:
             self.ref = [sub.run(x, i).float() for x, i in zip(self.xs, self.idx)]
             return
         X = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in xs])
+        R = None if residual is None else torch.cat([r.reshape(-1, r.shape[-1]).float() for r in residual])
         if 0 < loss_tokens < X.shape[0]:
             k_top = max(1, loss_tokens // 8)
             top = X.abs().amax(1).topk(k_top).indices
@@ -74,7 +87,20 @@ class LossProbe:
             rest[top] = False
             others = rest.nonzero().squeeze(1)
             others = others[torch.randperm(others.numel(), generator=g)[: loss_tokens - k_top]]
-            X = X[torch.cat([top, others])]
+            # the random tokens stand for all non-top ones: weight (N - k) / m keeps L(t) an unbiased
+            # estimate of the full-data mean (unweighted, the outlier tokens would count ~N / loss_tokens x)
+            wt = torch.ones(k_top + others.numel())
+            wt[k_top:] = (X.shape[0] - k_top) / max(others.numel(), 1) if self.unbiased else 1.0
+            self.wt = wt / wt.sum()
+            pick = torch.cat([top, others])
+            X, R = X[pick], (None if R is None else R[pick])
+        else:
+            self.wt = torch.full((X.shape[0],), 1.0 / X.shape[0])
+        if R is not None:
+            lin = sub.lins[0]
+            h = R + X @ lin.weight.float().t() + (0 if lin.bias is None else lin.bias.float())
+            self.wt = self.wt / h.pow(2).mean(1).clamp_min(1e-12)
+            self.wt = self.wt / self.wt.sum()
         self.X = X
         n_out = sub.lins[0].out_features
         rows = None
@@ -115,7 +141,7 @@ class LossProbe:
                 ws = fake_quantize(ws, self.wspec)
             y = torch.bmm(xq, ws.reshape(c, w.shape[0], -1).transpose(1, 2))  # [c, T, N]
             ys.append(y if b is None else y + b)
-        err = (self._f(ys) - self.ref[None]).pow(2).sum(-1).mean(-1)
+        err = (self._f(ys) - self.ref[None]).pow(2).sum(-1) @ self.wt  # [c]: weighted mean over tokens
         return [float(v) for v in err]
 
     def _attn(self, s: torch.Tensor, clips: list) -> list[float]:
@@ -195,8 +221,9 @@ class OSPlusPass(ActStateMixin, Pass):
         down_proj: bool = True  # also migrate up_proj -> down_proj (scale only; gated MLPs)
         act_sym: bool = False
         weight_quant: bool = True  # RTN fake-quant of the weights inside the search
-        loss_tokens: int = 2048  # tokens the loss is evaluated on (0 = all)
-        loss_rows: int = 2048  # output features the loss is evaluated on, linear/gated (0 = all)
+        loss_tokens: int = 1024  # tokens the loss is evaluated on (0 = all)
+        loss_rows: int = 1024  # output features the loss is evaluated on, linear/gated (0 = all)
+        down_loss: str = "mse"  # mse | normed: down_proj's token errors over the residual's mean square
         coarse: int = 16  # coarse grid points before the fine pass (0 = every grid point)
         patience: int = 4  # coarse points worse than the best before stopping early
         seed: int = 0
@@ -204,6 +231,8 @@ class OSPlusPass(ActStateMixin, Pass):
     def setup(self, sm) -> None:
         super().setup(sm)
         o = self.opts
+        if o.down_loss not in ("mse", "normed"):
+            raise ValueError(f"os+: down_loss must be mse or normed, got {o.down_loss!r}")
         if o.shift not in ("auto", "on", "off"):
             raise ValueError(f"os+: shift must be auto, on or off, got {o.shift!r}")
         if min(o.loss_tokens, o.loss_rows, o.coarse, o.patience) < 0 or o.search_samples < 1:
@@ -235,8 +264,24 @@ class OSPlusPass(ActStateMixin, Pass):
         wspec = self.spec if o.weight_quant else None
         lb = o.lower_bound if o.lower_bound is not None else (1.0 if ctx.lmap.norm_has_bias else 0.1)
         batches = ctx.batches[:o.search_samples]
-        for g in self._groups(ctx):
-            sub = SubModule(ctx, g, batches)
+        groups = self._groups(ctx)
+        subs: dict[str, SubModule] = {}
+        resid = None
+        for g in groups:
+            if g.name not in subs:  # q/k/v alone; the MLP groups (gate/up, down_proj) with one partial forward
+                later = [h for h in groups if h.name in ("mlp_in", "mlp_out")] if g.name == "mlp_in" else [g]
+                new = [SubModule(ctx, h, None) for h in later]
+                hk = None
+                if g.name == "mlp_in" and o.down_loss == "normed":  # the residual stream down_proj writes to
+                    resid = []
+                    hk = ctx.module(g.prev).register_forward_pre_hook(lambda _m, a: resid.append(a[0].detach()))
+                try:
+                    SubModule.capture(new, batches)
+                finally:
+                    if hk is not None:
+                        hk.remove()
+                subs.update({h.name: sm for h, sm in zip(later, new)})
+            sub = subs.pop(g.name)
             prev = ctx.module(g.prev)
             xs = [x.float() for x in sub.xs]
             lo = torch.stack([x.reshape(-1, x.shape[-1]).amin(0) for x in xs]).amin(0)
@@ -249,7 +294,9 @@ class OSPlusPass(ActStateMixin, Pass):
                 z = None if absorbed else zc  # RMSNorm: applied on the inputs explicitly
                 xs = [x - zc for x in xs]
                 lo, hi = lo - zc, hi - zc
-            probe = LossProbe(sub, xs, wspec, act_q, o.loss_tokens, o.loss_rows, seed=o.seed + ctx.index)
+            res = resid if g.name == "mlp_out" else None
+            probe = LossProbe(sub, xs, wspec, act_q, o.loss_tokens, o.loss_rows, seed=o.seed + ctx.index,
+                              residual=res)
             s, t, info = search_scale(probe, torch.maximum(hi.abs(), lo.abs()), lb, o.grid, o.max_steps,
                                       o.coarse, o.patience)
             del probe, sub.xs

@@ -32,8 +32,8 @@ from ptq.layermap import get_module
 from ptq.model_io import release
 from ptq.pipeline import LayerContext, Pass
 from ptq.quant.qweight import QuantizedWeight
-from ptq.passes.udfc_math import (attn_moment, channels_from_mlp, energy_scores, kernel, linear_rescale, normalized_moment,
-                           psd_sqrt, reconstruct, select_keep)
+from ptq.passes.udfc_math import (attn_moment, channels_from_mlp, energy_scores, kernel, linear_rescale,
+                                  merge_by_cosine, normalized_moment, psd_sqrt, reconstruct, select_keep)
 
 _INTER_ATTR = {"gated": "intermediate_size", "fc": "ffn_dim"}
 
@@ -59,9 +59,11 @@ class UDFCPass(Pass):
         prune_heads: bool = False  # attention-head pruning: not implemented (raises)
         quantize: bool = True  # False = keep fp weights (CLI --bits 16)
         # pair: one partner per pruned channel (the paper's form); lstsq: all remaining channels at once;
-        # auto: pair for gated MLPs (Llama family), lstsq for fc MLPs (OPT/BERT), the better mode measured on
-        # each family (docs/udfc.md: SmolLM2 and MiniLM-L6)
+        # auto: pair for gated MLPs (Llama family), lstsq for fc MLPs (OPT/BERT), the family defaults that the
+        # held-in (Jane Austen) choice of bench/udfc_smollm2.py supports (docs/udfc.md);
+        # merge: baseline without the closed form (Neuron Merging: cosine partner, norm-ratio scale, no s')
         mode: str = "auto"
+        merge_threshold: float = 0.3  # merge only: pruned channels whose best cosine is below this are dropped
         ridge: float = 1e-3  # lstsq only: ridge, relative to the mean diagonal of K
         attn_comp: bool = True  # quantization term for v_proj channels folded into o_proj columns
         round_to: int = 1  # kept channel count rounded up to a multiple of this (kernel-friendly shapes)
@@ -73,8 +75,8 @@ class UDFCPass(Pass):
         def validate(self):
             if not 0.0 <= float(self.prune_ratio) < 1.0:
                 raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
-            if self.mode not in ("auto", "pair", "lstsq"):
-                raise ValueError(f"mode must be 'auto', 'pair' or 'lstsq', got {self.mode!r}")
+            if self.mode not in ("auto", "pair", "lstsq", "merge"):
+                raise ValueError(f"mode must be 'auto', 'pair', 'lstsq' or 'merge', got {self.mode!r}")
             if self.alpha1 < 0 or self.alpha2 < 0 or self.ridge < 0:
                 raise ValueError("alpha1, alpha2 and ridge must be >= 0")
             if self.input_model not in ("propagate", "isotropic"):
@@ -123,12 +125,17 @@ class UDFCPass(Pass):
         if not hasattr(self, "n_keep"):
             raise RuntimeError("UDFCPass.setup(sm) must run before apply")
         L_attn = L_mlp = None
-        if self.M is not None:  # weight-only second-moment propagation (udfc_math), from the original weights
+        cache = getattr(self, "moment_cache", None)  # {layer: (L_attn, L_mlp)}: they depend on the original weights only
+        if self.M is not None and cache is not None and ctx.index in cache:
+            L_attn, L_mlp = cache[ctx.index]
+        elif self.M is not None:  # weight-only second-moment propagation (udfc_math), from the original weights
             while self._next < ctx.index:  # resumed run: replay the skipped layers' moments (original weights)
                 j = self._next
                 self._moment_step(self.sm.load_layer(j), ctx.lmap, ctx.config)
                 release(self.sm.layers[j])
             L_attn, L_mlp = self._moment_step(ctx.layer, ctx.lmap, ctx.config)
+            if cache is not None:
+                cache[ctx.index] = (L_attn, L_mlp)
         self._attention(ctx, L_attn)
         self._mlp(ctx, L_mlp)
 
@@ -182,7 +189,12 @@ class UDFCPass(Pass):
         if o.reconstruct:
             mode = o.mode if o.mode != "auto" else ("pair" if gated else "lstsq")
             ctx.stats["udfc.mode_lstsq"] = float(mode == "lstsq")
-            rec = reconstruct(D, ch, keep, ch_hat, o.alpha1, o.alpha2, mode, o.ridge, has_bias)
+            if mode == "merge":
+                gf = torch.ones(w_in.shape[1]) if gamma is None else gamma.data.float()
+                rec = merge_by_cosine(D, w_in.float() * gf, None if w_up is None else w_up.float() * gf, keep,
+                                      o.merge_threshold)
+            else:
+                rec = reconstruct(D, ch, keep, ch_hat, o.alpha1, o.alpha2, mode, o.ridge, has_bias)
             newD, bias_delta = rec.D, rec.bias_delta
             if rec.s is not None:
                 ctx.stats["udfc.s_abs_mean"] = float(rec.s.abs().mean())
@@ -216,7 +228,7 @@ class UDFCPass(Pass):
             lin = ctx.module(n)
             w = lin.weight.data
             wq = self._quant(ctx, n, w)
-            if n == v_name and self.opts.attn_comp and self.opts.reconstruct:
+            if n == v_name and self.opts.attn_comp and self.opts.reconstruct and self.opts.mode != "merge":
                 beta = getattr(ctx.module(g_in.prev), "bias", None)
                 m = (w @ beta if beta is not None else 0) + (lin.bias.data if lin.bias is not None else 0)
                 s = linear_rescale(w, wq, gamma, m if torch.is_tensor(m) else None, self.opts.alpha2, L)
@@ -255,14 +267,16 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def udfc_full_model(src, spec, **options):
+def udfc_full_model(src, spec, moment_cache: dict | None = None, **options):
     """Whole model in memory with UDFC applied to every layer (small models: tests and benches).
+    ``moment_cache``: a dict shared across calls on the same checkpoint keeps the propagated input moments.
     Returns ``(model, config, qweights)``; the model runs in transformers as is (config updated)."""
     from ptq.model_io import StreamingModel
 
     sm = StreamingModel.open(str(src))
     p = UDFCPass(UDFCPass.Options(**options), spec)
     p.setup(sm)
+    p.moment_cache = moment_cache
     qweights = {}
     for i in range(len(sm.layers)):
         ctx = LayerContext(i, sm.load_layer(i), sm.layer_prefix(i), sm.lmap, sm.config, [], spec)

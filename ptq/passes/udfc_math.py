@@ -278,3 +278,42 @@ def attn_moment(Wv: torch.Tensor, Wo: torch.Tensor, gamma: torch.Tensor | None, 
     idx = torch.tensor([(h // rep) * hd + d for h in range(n_heads) for d in range(hd)])
     O = Wo.double()
     return O @ Mv[idx][:, idx] @ O.T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data-free merging baseline without the closed form (Neuron Merging, Kim et al. NeurIPS 2020; DFQ-style):
+# every pruned channel j goes to its most similar kept channel i by cosine of the (norm-folded) input rows, with
+# the norm-ratio scale of a positively homogeneous activation, act(s z) = s act(z); no covariance model.
+@torch.no_grad()
+def merge_by_cosine(D: torch.Tensor, G: torch.Tensor, U: torch.Tensor | None, keep: torch.Tensor,
+                    threshold: float = 0.0) -> Reconstruction:
+    """``D [N, I]``; ``G [I, H]`` the gate (fc1) rows and ``U [I, H]`` the up rows (None for fc MLPs), norm folded.
+
+    gated ``h = act(g) u``: similarity ``(cos(g_j, g_i) + |cos(u_j, u_i)|) / 2``, scale
+    ``s = sign(cos(u_j, u_i)) ||g_j|| ||u_j|| / (||g_i|| ||u_i||)``;  fc ``h = act(z)``: similarity
+    ``cos(z_j, z_i)``, scale ``||z_j|| / ||z_i||``.  ``D'_i = D_i + sum_{j -> i} s_j D_j`` for pruned ``j`` whose best
+    similarity exceeds ``threshold`` (the others are just dropped).  Returns the kept columns ``[N, |R|]``."""
+    I = D.shape[1]
+    pruned = torch.ones(I, dtype=torch.bool)
+    pruned[keep] = False
+    P = pruned.nonzero().flatten()
+    newD = D.double()[:, keep].clone()
+    if len(P) == 0:
+        return Reconstruction(newD.to(D.dtype), None, None, None, None)
+    Gd = G.double()
+    gn = Gd.norm(dim=1).clamp_min(1e-30)
+    cg = (Gd[P] / gn[P, None]) @ (Gd[keep] / gn[keep, None]).T  # [|P|, |R|]
+    if U is None:
+        sim, scale_num, scale_den, sign = cg, gn[P], gn[keep], None
+    else:
+        Ud = U.double()
+        un = Ud.norm(dim=1).clamp_min(1e-30)
+        cu = (Ud[P] / un[P, None]) @ (Ud[keep] / un[keep, None]).T
+        sim, scale_num, scale_den, sign = (cg + cu.abs()) / 2, gn[P] * un[P], gn[keep] * un[keep], cu.sign()
+    best, partner = sim.max(1)
+    s = scale_num / scale_den[partner]
+    if sign is not None:
+        s = s * sign.gather(1, partner[:, None]).squeeze(1)
+    s = torch.where(best > threshold, s, torch.zeros_like(s))
+    newD.index_add_(1, partner, D.double()[:, P] * s[None])
+    return Reconstruction(newD.to(D.dtype), None, partner, s, None)

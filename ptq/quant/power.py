@@ -2,19 +2,21 @@
 
 PowerQuant (Yvinec et al., ICLR 2023) and NUPES (Yvinec et al., TPAMI 2025) quantize in the power domain of the
 automorphism ``P_a(x) = sign(x)|x|^a`` of (R*, x). For ``W [N, K]`` with groups along K (``G = ceil(K/gs)``,
-``gs = K`` per channel) and ``L = 2^(b-1) - 1``:
+``gs = K`` per channel) and ``L = 2^(b-1) - 1/2``:
 
     s[n, g]  = max_{k in g} |W[n, k]|^a / L                        (power-domain scale, eq. PowerQuant-3)
-    q[n, k]  = clamp(round(sign(W)|W|^a / s[n, g(k)]), -L, L)       (signed integer, symmetric grid)
+    q[n, k]  = clamp(floor(sign(W)|W|^a / s[n, g(k)]) + 1/2, -L, L) (half-integer, symmetric "mid-rise" grid)
     W^[n, k] = sign(q) (|q| s)^(1/a)                                 (dequantization)
 
-``a = 1`` is uniform symmetric quantization with levels ``-L..L`` and scale ``absmax / L`` (bit-for-bit equal to
-``ptq.quant.primitives.quantize/dequantize`` with that scale and zero ``2^(b-1)``).
+The grid has ``2^b`` levels ``q in {-L, ..., -1/2, 1/2, ..., L}``: as many as the asymmetric uniform grid it is
+compared with (a symmetric grid with an exact zero has only ``2^b - 1``). Zero is not a level, but for ``a < 1``
+the innermost level ``(s/2)^(1/a)`` is tiny. ``a = 1`` is the uniform grid over ``[-absmax, absmax]`` with
+``2^b`` levels, spacing ``s = absmax / L``.
 
 Storage / LUT layout (what `to_qweight` builds; see docs/nupes.md). The dequantization is separable:
-``(|q| s)^(1/a) = s^(1/a) * |q|^(1/a)``, so with unsigned codes ``c = q + 2^(b-1)`` in ``[1, 2^b - 1]``:
+``(|q| s)^(1/a) = s^(1/a) * |q|^(1/a)``, so with unsigned codes ``c = q + L`` in ``[0, 2^b - 1]``:
 
-    lut[n, c]   = sign(c - 2^(b-1)) |c - 2^(b-1)|^(1/a[n])        ``[N, 2^b]`` unit levels (code 0 unused)
+    lut[n, c]   = sign(c - L) |c - L|^(1/a[n])                    ``[N, 2^b]`` unit levels (every code used)
     scale[n, g] = s[n, g]^(1/a[n])                                 ``[N, G]`` linear-domain scale
     W^[n, k]    = scale[n, g_idx[k]] * lut[n, codes[n, k]]         (``QuantizedWeight.dequantize``, meta lut_scaled)
 
@@ -33,9 +35,15 @@ from ptq.quant.primitives import default_g_idx, expand_groups
 from ptq.quant.qweight import QuantizedWeight
 
 
-def qmax(bits: int) -> int:
-    """Largest signed level ``L = 2^(b-1) - 1``."""
-    return 2 ** (bits - 1) - 1
+def qmax(bits: int) -> float:
+    """Largest level ``L = 2^(b-1) - 1/2`` of the half-integer grid (codes ``c = q + L``)."""
+    return 2 ** (bits - 1) - 0.5
+
+
+def round_half(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest grid level ``clamp(floor(u) + 1/2, -L, L)`` of the power-domain value ``u``."""
+    L = qmax(bits)
+    return torch.clamp(torch.floor(u) + 0.5, -L, L)
 
 
 def _col(a, n: int | None = None) -> torch.Tensor | float:
@@ -56,33 +64,33 @@ def group_absmax(w: torch.Tensor, gs: int) -> torch.Tensor:
 
 
 def power_scale(w: torch.Tensor, a, bits: int, gs: int, absmax: torch.Tensor | None = None) -> torch.Tensor:
-    """Power-domain scale ``s = absmax^a / L`` ``[N, G]``; all-zero groups get ``s = 1`` (their codes are 0).
+    """Power-domain scale ``s = absmax^a / L`` ``[N, G]``; all-zero groups get ``s = 1e-30`` (they dequantize to
+    ``(s/2)^(1/a)``, zero in fp32 for ``a <= 1``).
 
     ``absmax [N, G]`` overrides the range (clipping / learned ranges)."""
     m = group_absmax(w, gs) if absmax is None else absmax.float()
     s = torch.pow(m, _col(a)) / qmax(bits)
-    return torch.where(m > 0, s, torch.ones_like(s))
+    return torch.where(m > 0, s, torch.full_like(s, 1e-30))
 
 
 def power_quantize(w: torch.Tensor, s: torch.Tensor, a, bits: int, g_idx: torch.Tensor) -> torch.Tensor:
-    """Unsigned codes ``c = clamp(round(sign(w)|w|^a / s), -L, L) + 2^(b-1)`` uint8 ``[N, K]``."""
-    L = qmax(bits)
+    """Unsigned codes ``c = round_half(sign(w)|w|^a / s) + L`` uint8 ``[N, K]``."""
     w = w.float()
     u = torch.sign(w) * torch.pow(w.abs(), _col(a)) / expand_groups(s, g_idx)
-    return (torch.clamp(torch.round(u), -L, L) + 2 ** (bits - 1)).to(torch.uint8)
+    return (round_half(u, bits) + qmax(bits)).to(torch.uint8)
 
 
 def power_dequantize(codes: torch.Tensor, s: torch.Tensor, a, bits: int, g_idx: torch.Tensor) -> torch.Tensor:
-    """Reference ``W^ = sign(q) (|q| s)^(1/a)`` fp32 ``[N, K]`` with ``q = codes - 2^(b-1)``."""
-    q = codes.float() - 2 ** (bits - 1)
+    """Reference ``W^ = sign(q) (|q| s)^(1/a)`` fp32 ``[N, K]`` with ``q = codes - L``."""
+    q = codes.float() - qmax(bits)
     a = _col(a)
     inv = 1.0 / a
     return torch.sign(q) * torch.pow(q.abs() * expand_groups(s.float(), g_idx), inv)
 
 
 def unit_levels(a, bits: int, n: int) -> torch.Tensor:
-    """``lut [N, 2^b]``: ``sign(c - z)|c - z|^(1/a)`` for codes ``c``, ``z = 2^(b-1)``."""
-    q = torch.arange(2**bits, dtype=torch.float32) - 2 ** (bits - 1)
+    """``lut [N, 2^b]``: ``sign(c - L)|c - L|^(1/a)`` for codes ``c`` (half-integer levels, no zero)."""
+    q = torch.arange(2**bits, dtype=torch.float32) - qmax(bits)
     a = _col(a)
     inv = 1.0 / a
     lv = torch.sign(q) * torch.pow(q.abs(), inv)  # [2^b] or [N, 2^b]
