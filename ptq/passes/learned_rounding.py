@@ -13,10 +13,13 @@ initial grid's end points ``x_hi = (2^b - 1 - z0) s0`` and ``x_lo = -z0 s0``:
     L = mean || layer_fp(X) - layer_q(X) ||^2
 
 on the calibration inputs ``X`` of this layer, which come from the already-compressed previous layers. The
-target is the fp layer run on those same inputs: it is the objective GPTQ minimises per linear, extended to the
-whole block (attention and MLP interact), and it needs no second stream of fp activations, so memory stays one
-layer + inputs + targets. ``v`` and ``m`` take signed-gradient steps with a learning rate decaying linearly
-from ``lr`` to 0 (AutoRound's optimiser).
+target ``layer_fp(.)`` is, by default (``target: fp``, AutoRound's objective), the fp layer run on the fp model's
+own hidden states ``X_fp``: ``L = mean || layer_fp(X_fp) - layer_q(X) ||^2``, so each layer also learns to undo
+the error its inputs carry from the layers before it. The pass carries that second stream of activations from
+layer to layer (one more ``[n, L, H]`` tensor in memory; after a resume it restarts from the compressed inputs).
+``target: chain`` uses the fp layer on ``X`` itself: the objective GPTQ minimises per linear, extended to the
+whole block. ``v`` and ``m`` take signed-gradient steps with a learning rate decaying linearly from ``lr`` to 0
+(AutoRound's optimiser).
 
 Initialisation: RTN or GPTQ codes (``init``). ``v0`` is the smallest offset that makes the rounding reproduce the
 initial code, so weights GPTQ moved sit just inside their new code's interval and can move back. At the end the
@@ -118,7 +121,7 @@ class LearnedRoundingPass(Pass):
     @dataclass
     class Options:
         init: str = "gptq"  # rtn | gptq: the codes learning starts from
-        target: str = "chain"  # fp: fp layer on the fp model's inputs (AutoRound's); chain: on this layer's inputs
+        target: str = "fp"  # fp: fp layer on the fp model's inputs (AutoRound's); chain: on this layer's inputs
         iters: int = 24  # signed-gradient steps per decoder layer (AutoRound uses 200 on GPUs)
         lr: float = 0.005  # rounding-offset step (0 = 1 / iters, AutoRound's default); decays linearly to 0
         batch: int = 2  # calibration sequences per step
