@@ -95,6 +95,9 @@ def gptq_smollm2():
 def _peers_table(setting: str):
     by = _peer_rows()
     sub = [r for (s, _), r in by.items() if s == setting]
+    if not sub:
+        raise SystemExit(f"bench/results/peers_smollm2.jsonl has no {setting} row; "
+                         f"run bench/peers.py --settings {setting}")
     peers = [r for r in sub if not r["tool"].startswith("ptq ")]
     best = min(peers or sub, key=lambda r: r["ppl"])
     gptq = by.get((setting, "ptq gptq"))
@@ -109,12 +112,6 @@ def _peers_table(setting: str):
 def peers_smollm2_w3g64():
     """bench/peers.py at W3 g64: ptq's quantizers and the peers on the same calibration ids, one evaluator."""
     return _peers_table("w3g64")
-
-
-@renderer("peers_smollm2_w2g64")
-def peers_smollm2_w2g64():
-    """bench/peers.py at W2 g64."""
-    return _peers_table("w2g64")
 
 
 @renderer("eval_vs_transformers")
