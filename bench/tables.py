@@ -64,26 +64,54 @@ def markdown(header: list[str], body: list[list[str]]) -> list[str]:
 
 # --- README.md -------------------------------------------------------------------------------------------------
 
-GPTQ_SETTINGS = [("w4g128", "W4 g128"), ("w4g64", "W4 g64"), ("w3g64", "W3 g64")]
+PEER_SETTINGS = [("w3g64", "W3 g64"), ("w4g128", "W4 g128"), ("w2g64", "W2 g64")]
+
+
+def _peer_rows() -> dict[tuple, dict]:
+    """bench/peers.py rows at the README's settings (40 windows, Austen 32 x 512), latest per (setting, tool)."""
+    rs = [r for r in rows("peers_smollm2") if r["windows"] == 40 and r["nsamples"] == 32
+          and r.get("calib") == "janeausten"]
+    return latest(rs, "setting", "tool")
 
 
 @renderer("gptq_smollm2")
 def gptq_smollm2():
-    """bench/smollm2_gptq.py: fp32 / RTN / GPTQ perplexity (40 windows, Austen 32 x 512), GPTQ compress cost."""
-    rs = [r for r in rows("gptq_smollm2") if r["windows"] == 40 and r["calib"] == "janeausten"
-          and r["nsamples"] == 32 and r["format"] == "gptq"]
-    by = latest(rs, "setting", "recipe")
-    fp = by.get(("fp32", "fp32"))
+    """bench/peers.py: RTN / GPTQ perplexity (40 windows, Austen 32 x 512, no BOS), GPTQ compress cost; fp32 from
+    bench/eval_vs_transformers.py (the same evaluator, 40 windows)."""
+    by = _peer_rows()
+    fp = latest(rows("eval_vs_transformers"), "windows").get((40,))
     header = ["setting", "fp32", "RTN", "GPTQ", "GPTQ vs RTN", "GPTQ compress CPU s", "GPTQ peak RSS GiB"]
     body = []
-    for key, label in GPTQ_SETTINGS:
-        rtn, gptq = by.get((key, "rtn")), by.get((key, "gptq"))
+    for key, label in PEER_SETTINGS:
+        rtn, gptq = by.get((key, "ptq rtn")), by.get((key, "ptq gptq"))
         if rtn is None and gptq is None:
             continue
-        body.append([label, f2(fp and fp["ppl"]), f2(rtn and rtn["ppl"]), f2(gptq and gptq["ppl"]),
+        body.append([label, f2(fp and fp["ptq_ppl"]), f2(rtn and rtn["ppl"]), f2(gptq and gptq["ppl"]),
                      pct(gptq["ppl"] / rtn["ppl"] - 1) if rtn and gptq else "",
                      f"{gptq['cpu_s']:.0f}" if gptq else "", f"{gptq['peak_rss_mib'] / 1024:.2f}" if gptq else ""])
     return header, body
+
+
+def _peers_table(setting: str):
+    by = _peer_rows()
+    sub = [r for (s, _), r in by.items() if s == setting]
+    if not sub:
+        raise SystemExit(f"bench/results/peers_smollm2.jsonl has no {setting} row; "
+                         f"run bench/peers.py --settings {setting}")
+    peers = [r for r in sub if not r["tool"].startswith("ptq ")]
+    best = min(peers or sub, key=lambda r: r["ppl"])
+    gptq = by.get((setting, "ptq gptq"))
+    header = ["tool", "ppl", "ppl / best peer", "compress CPU s", "CPU / ptq GPTQ", "peak RSS MiB"]
+    body = [[r["tool"] + (f" ({r['peer']['iters']} iters)" if r.get("peer", {}).get("iters") else ""),
+             f2(r["ppl"]), f"{r['ppl'] / best['ppl']:.3f}", f"{r['cpu_s']:.0f}",
+             f"{r['cpu_s'] / gptq['cpu_s']:.2f}" if gptq else "", str(r["peak_rss_mib"])] for r in sub]
+    return header, body
+
+
+@renderer("peers_smollm2_w3g64")
+def peers_smollm2_w3g64():
+    """bench/peers.py at W3 g64: ptq's quantizers and the peers on the same calibration ids, one evaluator."""
+    return _peers_table("w3g64")
 
 
 @renderer("eval_vs_transformers")
@@ -159,31 +187,91 @@ def osplus_summary():
     return ["method"] + [b.upper() for b in bits], body
 
 
+OSPLUS_W4A4_ROWS = [  # (label, config per column naive / SmoothQuant / OS+)
+    ("down_proj input migrated and quantized (naive: quantized)", ("naive-w4a4", "sq-w4a4", "os-w4a4")),
+    ("down_proj input in full precision", ("naive-w4a4-dpfp", "sq-w4a4-dpfp", "os-w4a4-dpfp")),
+    ("down_proj input migrated and quantized, OS+ `down_loss: normed`", (None, None, "os-normed-w4a4")),
+    ("earlier configuration (9509178: OS+ search on 1 x 512 tokens, 16 grid steps; down_proj input quantized, "
+     "not migrated)", (None, None, "os-old-w4a4-dpq")),
+    ("9509178's search with down_proj migrated", (None, None, "os-old-w4a4")),
+]
+
+
+def _osplus_series() -> dict[tuple, dict]:
+    return latest([r for r in rows("osplus_smollm2") if r.get("series") == 2 and r.get("windows") == 40], "config")
+
+
 @renderer("osplus_w4a4")
 def osplus_w4a4():
-    """bench/osplus_smollm2.py (rows with ``down_proj_input``): W4A4 perplexity (40 windows) of naive /
-    SmoothQuant / OS+ with down_proj's input quantized (migrated by SmoothQuant and OS+) or in full precision,
-    same calibration for every method; plus OS+ W6A6."""
-    by = latest([r for r in rows("osplus_smollm2") if "down_proj_input" in r], "config")
+    """bench/osplus_smollm2.py (series 2, 40 windows): W4A4 perplexity of naive / SmoothQuant / OS+ with
+    down_proj's input migrated and quantized, or in full precision, same calibration for every method; the
+    earlier configuration re-measured."""
+    by = _osplus_series()
     body = []
-    for suffix, label in (("", "down_proj input quantized (migrated by SQ / OS+)"),
-                          ("-dpfp", "down_proj input in full precision")):
-        cells = [by.get((f"{m}-w4a4{suffix}",)) for m in ("naive", "sq", "os")]
-        body.append([label] + [f2(c and c["ppl"]) for c in cells])
-    w6 = by.get(("os-w6a6",))
-    if w6:
-        body.append(["OS+ W6A6 (down_proj migrated)", "", "", f2(w6["ppl"])])
-    return ["W4A4", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
+    for label, cfgs in OSPLUS_W4A4_ROWS:
+        cells = [by.get((c,)) if c else None for c in cfgs]
+        if any(cells):
+            body.append([label] + [f2(c and c["ppl"]) for c in cells])
+    fp = by.get(("fp32",))
+    return [f"W4A4 (fp32 {f2(fp and fp['ppl'])})", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
+
+
+OSPLUS_W6A6_ROWS = [
+    ("os-recipe-w6a6-dpfp", "`os+-down-fp` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input in full precision"),
+    ("os-recipe-w6a6", "`os+` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input migrated and quantized"),
+    ("os-old-w6a6-dpq", "earlier configuration (9509178), RTN; down_proj input quantized, not migrated"),
+]
+
+
+@renderer("osplus_w6a6")
+def osplus_w6a6():
+    """bench/osplus_smollm2.py (series 2, 40 windows): OS+ W6A6 perplexity against fp32 (target: within 5 %)."""
+    by = _osplus_series()
+    if ("fp32",) not in by:
+        return ["W6A6", "ppl", "vs fp32"], []
+    fp = by[("fp32",)]["ppl"]
+    body = [["fp32", f2(fp), ""]]
+    for cfg, label in OSPLUS_W6A6_ROWS:
+        r = by.get((cfg,))
+        if r:
+            body.append([label, f2(r["ppl"]), pct(r["ppl"] / fp - 1)])
+    return ["W6A6", "ppl", "vs fp32"], body
 
 
 @renderer("osplus_speed")
 def osplus_speed():
-    """bench/osplus_speed.py: compress seconds of os+ vs gptq on a 2-layer random Llama with 7B widths."""
+    """bench/osplus_speed.py: compress CPU seconds (1 thread) of os+ vs gptq on a 2-layer random Llama with 7B
+    widths, and the OS+ pass's own share."""
+    head = ["calibration", "gptq CPU s", "os+ CPU s (search + gptq + act)", "of which the os+ pass", "os+ / gptq"]
     if not (RESULTS / "osplus_speed.jsonl").exists():
-        return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], []
-    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_s']:.0f}", f"{r['osplus_s']:.0f}",
-             f"{r['ratio_osplus_to_gptq']:.2f}"] for r in rows("osplus_speed")]
-    return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], body
+        return head, []
+    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_cpu_s']:.0f}", f"{r['osplus_cpu_s']:.0f}",
+             f"{r['stages_cpu_s']['os+'].get('pass os+', 0):.0f}", f"{r['ratio_osplus_to_gptq']:.2f}"]
+            for r in rows("osplus_speed") if "gptq_cpu_s" in r]
+    return head, body
+
+
+@renderer("export_size")
+def export_size():
+    """bench/export_size_smollm2.py: SmolLM2 W4 g64 export bytes against the fp32 folder (and, for the fp16 copy,
+    against that source), from the latest run (rows that carry ``parts`` or ``ratio_vs_source``)."""
+    rs = [r for r in rows("export_size") if r.get("utc", "") >= _size_run_start()]
+    body = []
+    for r in rs:
+        if r["artifact"].startswith("arithmetic floor"):
+            continue
+        src = "fp16 copy" if "ratio_vs_source" in r else "fp32"
+        store = {"auto": "as stored", "float16": "`--store-dtype float16`"}.get(r.get("store_dtype"), "")
+        body.append([f"{r['artifact'].split(',')[0]}", src, r["embeddings"] + (f" ({store})" if store else ""),
+                     f"{r['bytes']:,}", f"{r['ratio_vs_fp32']:.3f}",
+                     f"{r['ratio_vs_source']:.3f}" if "ratio_vs_source" in r else ""])
+    return ["artifact", "source", "embedding", "bytes", "x fp32 folder", "x its source"], body
+
+
+def _size_run_start() -> str:
+    """utc of the latest arithmetic-floor row: the start of the latest export_size run."""
+    fl = [r["utc"] for r in rows("export_size") if r["artifact"].startswith("arithmetic floor")]
+    return max(fl) if fl else ""
 
 
 CSKV_SUMMARY = [("1:1:4:4:id", 32), ("1:1:3:3:id", 32), ("1:1:2:2:id", 32), ("0.5:1:3:3:asvd", 32)]
