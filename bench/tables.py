@@ -64,26 +64,54 @@ def markdown(header: list[str], body: list[list[str]]) -> list[str]:
 
 # --- README.md -------------------------------------------------------------------------------------------------
 
-GPTQ_SETTINGS = [("w4g128", "W4 g128"), ("w4g64", "W4 g64"), ("w3g64", "W3 g64")]
+PEER_SETTINGS = [("w3g64", "W3 g64"), ("w4g128", "W4 g128"), ("w2g64", "W2 g64")]
+
+
+def _peer_rows() -> dict[tuple, dict]:
+    """bench/peers.py rows at the README's settings (40 windows, Austen 32 x 512), latest per (setting, tool)."""
+    rs = [r for r in rows("peers_smollm2") if r["windows"] == 40 and r["nsamples"] == 32
+          and r.get("calib") == "janeausten"]
+    return latest(rs, "setting", "tool")
 
 
 @renderer("gptq_smollm2")
 def gptq_smollm2():
-    """bench/smollm2_gptq.py: fp32 / RTN / GPTQ perplexity (40 windows, Austen 32 x 512), GPTQ compress cost."""
-    rs = [r for r in rows("gptq_smollm2") if r["windows"] == 40 and r["calib"] == "janeausten"
-          and r["nsamples"] == 32 and r["format"] == "gptq"]
-    by = latest(rs, "setting", "recipe")
-    fp = by.get(("fp32", "fp32"))
+    """bench/peers.py: RTN / GPTQ perplexity (40 windows, Austen 32 x 512, no BOS), GPTQ compress cost; fp32 from
+    bench/eval_vs_transformers.py (the same evaluator, 40 windows)."""
+    by = _peer_rows()
+    fp = latest(rows("eval_vs_transformers"), "windows").get((40,))
     header = ["setting", "fp32", "RTN", "GPTQ", "GPTQ vs RTN", "GPTQ compress CPU s", "GPTQ peak RSS GiB"]
     body = []
-    for key, label in GPTQ_SETTINGS:
-        rtn, gptq = by.get((key, "rtn")), by.get((key, "gptq"))
+    for key, label in PEER_SETTINGS:
+        rtn, gptq = by.get((key, "ptq rtn")), by.get((key, "ptq gptq"))
         if rtn is None and gptq is None:
             continue
-        body.append([label, f2(fp and fp["ppl"]), f2(rtn and rtn["ppl"]), f2(gptq and gptq["ppl"]),
+        body.append([label, f2(fp and fp["ptq_ppl"]), f2(rtn and rtn["ppl"]), f2(gptq and gptq["ppl"]),
                      pct(gptq["ppl"] / rtn["ppl"] - 1) if rtn and gptq else "",
                      f"{gptq['cpu_s']:.0f}" if gptq else "", f"{gptq['peak_rss_mib'] / 1024:.2f}" if gptq else ""])
     return header, body
+
+
+def _peers_table(setting: str):
+    by = _peer_rows()
+    sub = [r for (s, _), r in by.items() if s == setting]
+    if not sub:
+        raise SystemExit(f"bench/results/peers_smollm2.jsonl has no {setting} row; "
+                         f"run bench/peers.py --settings {setting}")
+    peers = [r for r in sub if not r["tool"].startswith("ptq ")]
+    best = min(peers or sub, key=lambda r: r["ppl"])
+    gptq = by.get((setting, "ptq gptq"))
+    header = ["tool", "ppl", "ppl / best peer", "compress CPU s", "CPU / ptq GPTQ", "peak RSS MiB"]
+    body = [[r["tool"] + (f" ({r['peer']['iters']} iters)" if r.get("peer", {}).get("iters") else ""),
+             f2(r["ppl"]), f"{r['ppl'] / best['ppl']:.3f}", f"{r['cpu_s']:.0f}",
+             f"{r['cpu_s'] / gptq['cpu_s']:.2f}" if gptq else "", str(r["peak_rss_mib"])] for r in sub]
+    return header, body
+
+
+@renderer("peers_smollm2_w3g64")
+def peers_smollm2_w3g64():
+    """bench/peers.py at W3 g64: ptq's quantizers and the peers on the same calibration ids, one evaluator."""
+    return _peers_table("w3g64")
 
 
 @renderer("eval_vs_transformers")
