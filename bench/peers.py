@@ -52,9 +52,10 @@ def env1() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def run(cmd: list[str]) -> tuple[float, float, int, str]:
-    """One child at 1 thread from the repo root (`results_log.run_child`)."""
-    return run_child(cmd, env=env1(), cwd=ROOT)
+def run(cmd: list[str], cwd: Path = ROOT) -> tuple[float, float, int, str]:
+    """One child at 1 thread (`results_log.run_child`), from the repo root unless ``cwd`` (peers run in the temp
+    folder: some write log folders into their working directory)."""
+    return run_child(cmd, env=env1(), cwd=cwd)
 
 
 def peer_python(peer: str) -> str | None:
@@ -149,7 +150,7 @@ def main():
                 rep = json.loads((out / "report.json").read_text())
                 record(dict(setting=s, tool=f"ptq {tool}", ppl=ppl(out), bits=bits, group_size=gs,
                             cpu_s=round(cpu, 1), wall_s=round(wall, 1), peak_rss_mib=round(rss / 2**20),
-                            passes=rep.get("passes"), calib_tokens_sha256=cal), cmd)
+                            passes=rep.get("passes"), stages=rep.get("stages"), calib_tokens_sha256=cal), cmd)
             for peer in peers:
                 py = peer_python(peer)
                 if not py:
@@ -162,7 +163,7 @@ def main():
                 if peer == "auto-round" and args.autoround_iters is not None:
                     cmd += ["--iters", str(args.autoround_iters)]
                 try:
-                    wall, cpu, rss, _ = run(cmd)
+                    wall, cpu, rss, _ = run(cmd, cwd=Path(tmp))
                 except SystemExit as e:
                     print(f"{s:6s} {peer:22s} skipped: run failed: {str(e)[-600:]}", flush=True)
                     continue

@@ -64,26 +64,54 @@ def markdown(header: list[str], body: list[list[str]]) -> list[str]:
 
 # --- README.md -------------------------------------------------------------------------------------------------
 
-GPTQ_SETTINGS = [("w4g128", "W4 g128"), ("w4g64", "W4 g64"), ("w3g64", "W3 g64")]
+PEER_SETTINGS = [("w3g64", "W3 g64"), ("w4g128", "W4 g128"), ("w2g64", "W2 g64")]
+
+
+def _peer_rows() -> dict[tuple, dict]:
+    """bench/peers.py rows at the README's settings (40 windows, Austen 32 x 512), latest per (setting, tool)."""
+    rs = [r for r in rows("peers_smollm2") if r["windows"] == 40 and r["nsamples"] == 32
+          and r.get("calib") == "janeausten"]
+    return latest(rs, "setting", "tool")
 
 
 @renderer("gptq_smollm2")
 def gptq_smollm2():
-    """bench/smollm2_gptq.py: fp32 / RTN / GPTQ perplexity (40 windows, Austen 32 x 512), GPTQ compress cost."""
-    rs = [r for r in rows("gptq_smollm2") if r["windows"] == 40 and r["calib"] == "janeausten"
-          and r["nsamples"] == 32 and r["format"] == "gptq"]
-    by = latest(rs, "setting", "recipe")
-    fp = by.get(("fp32", "fp32"))
+    """bench/peers.py: RTN / GPTQ perplexity (40 windows, Austen 32 x 512, no BOS), GPTQ compress cost; fp32 from
+    bench/eval_vs_transformers.py (the same evaluator, 40 windows)."""
+    by = _peer_rows()
+    fp = latest(rows("eval_vs_transformers"), "windows").get((40,))
     header = ["setting", "fp32", "RTN", "GPTQ", "GPTQ vs RTN", "GPTQ compress CPU s", "GPTQ peak RSS GiB"]
     body = []
-    for key, label in GPTQ_SETTINGS:
-        rtn, gptq = by.get((key, "rtn")), by.get((key, "gptq"))
+    for key, label in PEER_SETTINGS:
+        rtn, gptq = by.get((key, "ptq rtn")), by.get((key, "ptq gptq"))
         if rtn is None and gptq is None:
             continue
-        body.append([label, f2(fp and fp["ppl"]), f2(rtn and rtn["ppl"]), f2(gptq and gptq["ppl"]),
+        body.append([label, f2(fp and fp["ptq_ppl"]), f2(rtn and rtn["ppl"]), f2(gptq and gptq["ppl"]),
                      pct(gptq["ppl"] / rtn["ppl"] - 1) if rtn and gptq else "",
                      f"{gptq['cpu_s']:.0f}" if gptq else "", f"{gptq['peak_rss_mib'] / 1024:.2f}" if gptq else ""])
     return header, body
+
+
+def _peers_table(setting: str):
+    by = _peer_rows()
+    sub = [r for (s, _), r in by.items() if s == setting]
+    if not sub:
+        raise SystemExit(f"bench/results/peers_smollm2.jsonl has no {setting} row; "
+                         f"run bench/peers.py --settings {setting}")
+    peers = [r for r in sub if not r["tool"].startswith("ptq ")]
+    best = min(peers or sub, key=lambda r: r["ppl"])
+    gptq = by.get((setting, "ptq gptq"))
+    header = ["tool", "ppl", "ppl / best peer", "compress CPU s", "CPU / ptq GPTQ", "peak RSS MiB"]
+    body = [[r["tool"] + (f" ({r['peer']['iters']} iters)" if r.get("peer", {}).get("iters") else ""),
+             f2(r["ppl"]), f"{r['ppl'] / best['ppl']:.3f}", f"{r['cpu_s']:.0f}",
+             f"{r['cpu_s'] / gptq['cpu_s']:.2f}" if gptq else "", str(r["peak_rss_mib"])] for r in sub]
+    return header, body
+
+
+@renderer("peers_smollm2_w3g64")
+def peers_smollm2_w3g64():
+    """bench/peers.py at W3 g64: ptq's quantizers and the peers on the same calibration ids, one evaluator."""
+    return _peers_table("w3g64")
 
 
 @renderer("eval_vs_transformers")
@@ -116,16 +144,29 @@ def quickstart_cost():
     return ["stage (report.json `stages`)", "CPU s", "CPU s per layer"], body
 
 
+@renderer("mixed_precision_smollm2")
+def mixed_precision_smollm2():
+    """bench/peers.py --tools gptq,mixed-3.5 --table mixed_precision_smollm2: uniform GPTQ W3 g64 vs mixed
+    precision at an average of 3.5 bits (g64), same calibration ids, 40 wikitext-2 windows."""
+    by = latest(rows("mixed_precision_smollm2"), "setting", "tool")
+    names = {"ptq gptq": "GPTQ, uniform 3 bits", "ptq mixed-3.5": "GPTQ, mixed precision, average 3.5 bits"}
+    body = []
+    for (s, tool), r in by.items():
+        body.append([names.get(tool, tool), f"g{r['group_size']}", f"{r['nsamples']} x 512 ({r['calib']})",
+                     str(r["windows"]), f2(r["ppl"]), f"{r['cpu_s']:.0f}"])
+    return ["quantization", "group", "calibration", "windows", "ppl", "compress CPU s"], body
+
+
 @renderer("calib_default")
 def calib_default():
-    """bench/calib_default.py: GPTQ W4 g128 calibrated on the embedded text vs Jane Austen."""
-    by = latest(rows("calib_default"), "calib")
-    names = {"default": "embedded default text", "austen": "Jane Austen", "shakespeare": "tiny Shakespeare"}
-    body = [[names.get(k[0], k[0]), f"{r['nsamples']} x {r['seqlen']}", str(r["windows"]), f2(r["ppl"]),
-             f2(r["ppl_ref"]), f"{r['kl']:.4f}", f"{r['top1']:.3f}"] for k, r in by.items()]
-    r = next(iter(by.values()))
-    setting = f"{r['recipe'].upper()} W{r['bits']} g{r['group_size']}"
-    return [f"calibration ({setting})", "samples", "windows", "ppl", "fp32 ppl", "KL", "top-1"], body
+    """bench/calib_default.py: quick-start GPTQ calibrated on the old 8.8k-token default text vs the extended one."""
+    by = latest(rows("calib_default"), "setting", "calib")
+    names = {"default": "embedded default (extended)", "old-default": "earlier embedded default",
+             "austen": "Jane Austen", "shakespeare": "tiny Shakespeare"}
+    body = [[f"W{r['bits']} g{r['group_size']}", names.get(c, c), f"{r['text_tokens']}",
+             f"{r['nsamples']} x {r['seqlen']}", f"{r['reuse']:.2f}", str(r["windows"]), f2(r["ppl"])]
+            for (s, c), r in by.items()]
+    return ["GPTQ setting", "calibration text", "text tokens", "samples", "token reuse", "windows", "ppl"], body
 
 
 OSPLUS_METHODS = [("naive", "naive (RTN W, per-token A)"), ("sq", "SmoothQuant"), ("os-scale", "OS+ (scale)"),
@@ -146,52 +187,115 @@ def osplus_summary():
     return ["method"] + [b.upper() for b in bits], body
 
 
+OSPLUS_W4A4_ROWS = [  # (label, config per column naive / SmoothQuant / OS+)
+    ("down_proj input migrated and quantized (naive: quantized)", ("naive-w4a4", "sq-w4a4", "os-w4a4")),
+    ("down_proj input in full precision", ("naive-w4a4-dpfp", "sq-w4a4-dpfp", "os-w4a4-dpfp")),
+    ("down_proj input migrated and quantized, OS+ `down_loss: normed`", (None, None, "os-normed-w4a4")),
+    ("earlier configuration (9509178: OS+ search on 1 x 512 tokens, 16 grid steps; down_proj input quantized, "
+     "not migrated)", (None, None, "os-old-w4a4-dpq")),
+    ("9509178's search with down_proj migrated", (None, None, "os-old-w4a4")),
+]
+
+
+def _osplus_series() -> dict[tuple, dict]:
+    return latest([r for r in rows("osplus_smollm2") if r.get("series") == 2 and r.get("windows") == 40], "config")
+
+
 @renderer("osplus_w4a4")
 def osplus_w4a4():
-    """bench/osplus_smollm2.py (rows with ``down_proj_input``): W4A4 perplexity (40 windows) of naive /
-    SmoothQuant / OS+ with down_proj's input quantized (migrated by SmoothQuant and OS+) or in full precision,
-    same calibration for every method; plus OS+ W6A6."""
-    by = latest([r for r in rows("osplus_smollm2") if "down_proj_input" in r], "config")
+    """bench/osplus_smollm2.py (series 2, 40 windows): W4A4 perplexity of naive / SmoothQuant / OS+ with
+    down_proj's input migrated and quantized, or in full precision, same calibration for every method; the
+    earlier configuration re-measured."""
+    by = _osplus_series()
     body = []
-    for suffix, label in (("", "down_proj input quantized (migrated by SQ / OS+)"),
-                          ("-dpfp", "down_proj input in full precision")):
-        cells = [by.get((f"{m}-w4a4{suffix}",)) for m in ("naive", "sq", "os")]
-        body.append([label] + [f2(c and c["ppl"]) for c in cells])
-    w6 = by.get(("os-w6a6",))
-    if w6:
-        body.append(["OS+ W6A6 (down_proj migrated)", "", "", f2(w6["ppl"])])
-    return ["W4A4", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
+    for label, cfgs in OSPLUS_W4A4_ROWS:
+        cells = [by.get((c,)) if c else None for c in cfgs]
+        if any(cells):
+            body.append([label] + [f2(c and c["ppl"]) for c in cells])
+    fp = by.get(("fp32",))
+    return [f"W4A4 (fp32 {f2(fp and fp['ppl'])})", "naive (RTN)", "SmoothQuant alpha 0.5", "OS+"], body
+
+
+OSPLUS_W6A6_ROWS = [
+    ("os-recipe-w6a6-dpfp", "`os+-down-fp` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input in full precision"),
+    ("os-recipe-w6a6", "`os+` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input migrated and quantized"),
+    ("os-old-w6a6-dpq", "earlier configuration (9509178), RTN; down_proj input quantized, not migrated"),
+]
+
+
+@renderer("osplus_w6a6")
+def osplus_w6a6():
+    """bench/osplus_smollm2.py (series 2, 40 windows): OS+ W6A6 perplexity against fp32 (target: within 5 %)."""
+    by = _osplus_series()
+    if ("fp32",) not in by:
+        return ["W6A6", "ppl", "vs fp32"], []
+    fp = by[("fp32",)]["ppl"]
+    body = [["fp32", f2(fp), ""]]
+    for cfg, label in OSPLUS_W6A6_ROWS:
+        r = by.get((cfg,))
+        if r:
+            body.append([label, f2(r["ppl"]), pct(r["ppl"] / fp - 1)])
+    return ["W6A6", "ppl", "vs fp32"], body
 
 
 @renderer("osplus_speed")
 def osplus_speed():
-    """bench/osplus_speed.py: compress seconds of os+ vs gptq on a 2-layer random Llama with 7B widths."""
+    """bench/osplus_speed.py: compress CPU seconds (1 thread) of os+ vs gptq on a 2-layer random Llama with 7B
+    widths, and the OS+ pass's own share."""
+    head = ["calibration", "gptq CPU s", "os+ CPU s (search + gptq + act)", "of which the os+ pass", "os+ / gptq"]
     if not (RESULTS / "osplus_speed.jsonl").exists():
-        return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], []
-    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_s']:.0f}", f"{r['osplus_s']:.0f}",
-             f"{r['ratio_osplus_to_gptq']:.2f}"] for r in rows("osplus_speed")]
-    return ["calibration", "gptq s", "os+ s (search + gptq)", "os+ / gptq"], body
+        return head, []
+    body = [[f"{r['nsamples']} x {r['seqlen']}", f"{r['gptq_cpu_s']:.0f}", f"{r['osplus_cpu_s']:.0f}",
+             f"{r['stages_cpu_s']['os+'].get('pass os+', 0):.0f}", f"{r['ratio_osplus_to_gptq']:.2f}"]
+            for r in rows("osplus_speed") if "gptq_cpu_s" in r]
+    return head, body
 
 
-CSKV_SUMMARY = ["dense fp16 KV", "k0.375/v1.0 4-bit asvd", "k0.25/v1.0 4-bit asvd", "k0.5/v0.5 4-bit asvd+fit"]
+@renderer("export_size")
+def export_size():
+    """bench/export_size_smollm2.py: SmolLM2 W4 g64 export bytes against the fp32 folder (and, for the fp16 copy,
+    against that source), from the latest run (rows that carry ``parts`` or ``ratio_vs_source``)."""
+    rs = [r for r in rows("export_size") if r.get("utc", "") >= _size_run_start()]
+    body = []
+    for r in rs:
+        if r["artifact"].startswith("arithmetic floor"):
+            continue
+        src = "fp16 copy" if "ratio_vs_source" in r else "fp32"
+        store = {"auto": "as stored", "float16": "`--store-dtype float16`"}.get(r.get("store_dtype"), "")
+        body.append([f"{r['artifact'].split(',')[0]}", src, r["embeddings"] + (f" ({store})" if store else ""),
+                     f"{r['bytes']:,}", f"{r['ratio_vs_fp32']:.3f}",
+                     f"{r['ratio_vs_source']:.3f}" if "ratio_vs_source" in r else ""])
+    return ["artifact", "source", "embedding", "bytes", "x fp32 folder", "x its source"], body
+
+
+def _size_run_start() -> str:
+    """utc of the latest arithmetic-floor row: the start of the latest export_size run."""
+    fl = [r["utc"] for r in rows("export_size") if r["artifact"].startswith("arithmetic floor")]
+    return max(fl) if fl else ""
+
+
+CSKV_SUMMARY = [("1:1:4:4:id", 32), ("1:1:3:3:id", 32), ("1:1:2:2:id", 32), ("0.5:1:3:3:asvd", 32)]
 
 
 @renderer("cskv_summary")
 def cskv_summary():
-    """bench/cskv_smollm2.py: KV-cache bytes per token and perplexity (40 windows) for the headline configs."""
-    by = latest(rows("cskv_smollm2"), "config")
-    dense = by[("dense fp16 KV",)]
-    body = []
-    for c in CSKV_SUMMARY:
-        r = by.get((c,))
-        if r is None:
-            continue
-        if c == "dense fp16 KV":
-            body.append([c, f2(r["ppl"]), "", str(r["bytes_per_token"]), ""])
-        else:
-            body.append([c, f2(r["ppl"]), pct(r["ppl"] / dense["ppl"] - 1), f"{r['bytes_per_token_T512']:.0f}",
-                         f"{100 * r['reduction_T512']:.1f} %"])
-    return ["config (K density / V density, bits, init)", "ppl", "vs dense", "KV bytes / token", "KV reduction"], body
+    """bench/cskv_equal_bytes.py (40 windows): dense, quantization only at 4/3/2 bits, the recipe default
+    (recipes/cskv.yaml) and channel shrinking at the bytes of 2-bit quantization."""
+    import yaml
+
+    dense, rs = _cskv_rows()
+    o = yaml.safe_load((ROOT / "recipes" / "cskv.yaml").read_text())["passes"][0]["cskv"]
+    default = (f"{o['k_density']:g}:{o['v_density']:g}:{o['k_bits']}:{o['v_bits']}:asvd", o["window"])
+    want = CSKV_SUMMARY + [default]
+    body = [["dense fp16 K/V", "", "", "", f2(dense["ppl"]), "", str(dense["bytes_per_token"]), ""]]
+    for r in rs:
+        key = (r["spec"].rsplit(":", 1)[0] if r["spec"].count(":") == 5 else r["spec"], r.get("window", 32))
+        if key in want:
+            c = _cskv_cells(r, dense)
+            name = "recipe default: " + c[0] if key == default else c[0]
+            body.append([name, c[1], c[2], c[3], c[7], c[8], c[5], c[6]])
+    return ["cache", "K / V density", "K / V bits", "window W", "ppl", "vs dense", "KV bytes / token",
+            "KV reduction"], body
 
 
 # --- docs/ -----------------------------------------------------------------------------------------------------
@@ -340,21 +444,38 @@ def ds_smollm2_retrieval():
     return ["prompt tokens", "config", "keys retrieved"], body
 
 
+def _cskv_rows() -> tuple[dict, list[dict]]:
+    """bench/cskv_equal_bytes.py rows at 40 windows: the latest dense row and the latest row per (spec, window)."""
+    rs = [r for r in rows("cskv_equal_bytes") if r.get("windows") == 40]
+    dense = [r for r in rs if r["spec"] == "dense"]
+    if not dense:
+        raise SystemExit("bench/results/cskv_equal_bytes.jsonl has no 40-window dense row (run with --dense)")
+    by = latest([r for r in rs if r["spec"] != "dense"], "spec", "window")
+    return dense[-1], sorted(by.values(), key=lambda r: (-r["bytes_formula"], r["spec"]))
+
+
+def _cskv_kind(r: dict) -> str:
+    if r["k_density"] == 1 and r["v_density"] == 1:
+        return "quantization only"
+    return "shrink K" + (" and V" if r["v_density"] < 1 else "") + " + quantization"
+
+
+def _cskv_cells(r: dict, dense: dict) -> list[str]:
+    return [_cskv_kind(r), f"{r['k_density']:g} / {r['v_density']:g}", f"{r['k_bits']} / {r['v_bits']}",
+            str(r.get("window", 32)), r["init"], f"{r['bytes_formula']:.0f}", f"{100 * r['reduction']:.1f} %",
+            f2(r["ppl"]), pct(r["ppl"] / dense["ppl"] - 1)]
+
+
 @renderer("cskv_equal_bytes")
 def cskv_equal_bytes():
     """bench/cskv_equal_bytes.py (docs/cskv.md): quantization only (densities 1/1) vs channel shrinking +
-    quantization, sorted by cache bytes per token; 40 windows; dense from bench/cskv_smollm2.py's run."""
-    dense = latest(rows("cskv_smollm2"), "config")[("dense fp16 KV",)]["ppl"]
-    by = latest(rows("cskv_equal_bytes"), "spec")
-    body = []
-    for r in sorted(by.values(), key=lambda r: (-r["bytes_formula"], r["spec"])):
-        kind = "quantization only" if r["k_density"] == 1 and r["v_density"] == 1 else "shrink K" + (
-            " and V" if r["v_density"] < 1 else "") + " + quantization"
-        body.append([kind, f"{r['k_density']:g} / {r['v_density']:g}", f"{r['k_bits']} / {r['v_bits']}",
-                     r["init"], f"{r['bytes_formula']:.0f}", f"{r['bytes_measured']:.0f}",
-                     f"{100 * r['reduction']:.1f} %", f2(r["ppl"]), pct(r["ppl"] / dense - 1)])
-    return ["cache", "K / V density", "K / V bits", "init", "B/token (formula)", "B/token (measured, T=512)",
-            "KV reduction", "ppl", "vs dense"], body
+    quantization, sorted by cache bytes per token; 40 windows; vs the dense row of the latest run."""
+    dense, rs = _cskv_rows()
+    body = [["dense fp16 K/V", "", "16 / 16", "", "", str(dense["bytes_per_token"]), "", "0", f2(dense["ppl"]), ""]]
+    for r in rs:
+        body.append(_cskv_cells(r, dense)[:6] + [f"{r['bytes_measured']:.0f}"] + _cskv_cells(r, dense)[6:])
+    return ["cache", "K / V density", "K / V bits", "window W", "init", "B/token (formula)",
+            "B/token (measured, T=512)", "KV reduction", "ppl", "vs dense"], body
 
 
 @renderer("cskv_generate")
@@ -374,6 +495,26 @@ def cskv_generate():
 
 
 # --- checking and writing ----------------------------------------------------------------------------------------
+
+
+@renderer("onnx_speed")
+def onnx_speed():
+    """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
+    perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes."""
+    head = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (same run)", "prefill ms",
+            "peak RSS MiB", "size MiB", "wikitext-2 ppl"]
+    if not (RESULTS / "onnx_speed.jsonl").exists():
+        return head, []
+    body = []
+    for r in latest(rows("onnx_speed"), "command", "variant", "runtime").values():
+        ratio = r.get("decode_vs_builder_int4_same_runtime")
+        cmd = r.get("command", "").split()
+        emb = cmd[cmd.index("--embed-bits") + 1] if "--embed-bits" in cmd else "4"
+        body.append([f"ptq --embed-bits {emb}", r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
+                     f"{r['prefill_ms']:.0f}", str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}",
+                     f"{r['wikitext2_ppl']:.3f}"])
+    return head, body
+
 
 def render(name: str) -> list[str]:
     if name not in RENDERERS:

@@ -39,6 +39,7 @@ from ptq.quant.primitives import QuantSpec
 from ptq.quant.qweight import QuantizedWeight
 
 DEFAULT_WIDTHS = (2, 3, 4, 8)
+MIN_TOKENS = 16  # a unit whose Hessian saw fewer tokens (a starved MoE expert) keeps the base width
 SCORE = "rtn-hessian"  # what `cost` measures (recorded in the manifest)
 
 
@@ -80,6 +81,7 @@ class MixedPlan:
     params: dict[str, int]  # per linear
     costs: dict[str, dict[int, float]]  # per linear
     units: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # unit -> its linears (one width)
+    pinned: list[str] = dataclasses.field(default_factory=list)  # units kept at the base width (too few tokens)
 
     @property
     def average_bits(self) -> float:
@@ -92,7 +94,7 @@ class MixedPlan:
         for b in self.bits.values():
             hist[str(b)] = hist.get(str(b), 0) + 1
         return {"target_bits": self.target_bits, "average_bits": round(self.average_bits, 6),
-                "widths": list(self.widths), "score": SCORE, "modules_per_width": hist,
+                "widths": list(self.widths), "score": SCORE, "modules_per_width": hist, "pinned_units": self.pinned,
                 "bits": dict(sorted(self.bits.items()))}
 
     def report(self) -> dict:
@@ -199,11 +201,12 @@ class _HessianHooks:
 
 
 @torch.no_grad()
-def score_linears(sm, calib_ids: torch.Tensor, spec: QuantSpec, widths, progress=None
+def score_linears(sm, calib_ids: torch.Tensor, spec: QuantSpec, widths, progress=None, tokens=None
                   ) -> tuple[dict[str, dict[int, float]], dict[str, int], dict[str, list[str]]]:
     """First pass over the layers (module docstring): ``costs {module path: {b: cost}}``,
     ``params {module path: N*K}`` for every linear the quantizing passes will see, and the allocation units
-    ``{unit: [module paths]}`` (linears sharing an input). ``progress(i, n)`` after each layer."""
+    ``{unit: [module paths]}`` (linears sharing an input). ``progress(i, n)`` after each layer; ``tokens`` (a dict)
+    receives the number of calibration tokens each unit's Hessian saw (routed MoE experts see only theirs)."""
     from ptq.model_io import release
     from ptq.pipeline import LayerContext, capture_inputs, for_layer, run_layer
 
@@ -228,6 +231,8 @@ def score_linears(sm, calib_ids: torch.Tensor, spec: QuantSpec, widths, progress
             params[ctx.prefix + name] = w.numel()
             unit = ctx.prefix + hooks.owner[name]
             units.setdefault(unit, []).append(ctx.prefix + name)
+            if tokens is not None:
+                tokens[unit] = hooks.accs[hooks.owner[name]].n
         del hooks
         release(layer)
         if progress is not None:
@@ -245,6 +250,22 @@ def allocate_units(costs: dict[str, dict[int, float]], params: dict[str, int], u
 
 
 def plan_mixed(sm, calib_ids, spec: QuantSpec, target: float, widths, progress=None) -> MixedPlan:
-    costs, params, units = score_linears(sm, calib_ids, spec, widths, progress)
+    """Score, then allocate. Units whose Hessian saw fewer than ``MIN_TOKENS`` tokens (their cost says nothing)
+    keep the base width `base_width`; the others share what is left of the budget."""
+    tokens: dict[str, int] = {}
+    costs, params, units = score_linears(sm, calib_ids, spec, widths, progress, tokens)
     widths = tuple(widths)
-    return MixedPlan(target, widths, allocate_units(costs, params, units, target, widths), params, costs, units)
+    return plan_from_scores(costs, params, units, tokens, target, widths)
+
+
+def plan_from_scores(costs, params, units, tokens, target: float, widths: tuple[int, ...]) -> MixedPlan:
+    pinned = sorted(u for u in units if tokens.get(u, MIN_TOKENS) < MIN_TOKENS)
+    base = base_width(target, widths)
+    bits = {m: base for u in pinned for m in units[u]}
+    free = {u: ms for u, ms in units.items() if u not in pinned}
+    if free:
+        total = sum(params.values())
+        rest = sum(params[m] for ms in free.values() for m in ms)
+        t = (target * total - base * (total - rest)) / rest
+        bits.update(allocate_units(costs, params, free, min(max(t, min(widths)), max(widths)), widths))
+    return MixedPlan(target, widths, bits, params, costs, units, pinned)

@@ -181,6 +181,9 @@ class LayerContext:
     stats: dict = field(default_factory=dict)  # per-layer numbers for the report
     extra: dict = field(default_factory=dict)  # full tensor name -> fp tensor to export as-is
     module_bits: dict[str, int] = field(default_factory=dict)  # full module path -> bits (mixed precision)
+    # the layer's outputs [b, L, H] per batch with its final weights, when the last pass already computed them
+    # (the loop then skips its own forward); cleared before every pass, so only the last pass's can be used
+    next_hidden: list[torch.Tensor] | None = None
 
     def spec_for(self, name: str, base: QuantSpec | None = None) -> QuantSpec:
         """The weight spec of linear ``name`` (relative to the layer): ``base`` (default: the run's spec) with
@@ -303,10 +306,13 @@ def compress_loop(sm: StreamingModel, passes: list[Pass], calib_ids: torch.Tenso
         for p in passes:
             if progress:
                 progress(i, n, p.name)
+            ctx.next_hidden = None
             with clock(f"pass {p.name}"):
                 p.apply(ctx)
         with clock("layer forward"):
-            if batches:
+            if batches and ctx.next_hidden is not None:
+                batches = [Batch(h, b.kwargs, b.attn) for h, b in zip(ctx.next_hidden, batches)]
+            elif batches:
                 batches = run_layer(layer, batches)
         with clock("write"):
             if writer is not None:

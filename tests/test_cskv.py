@@ -214,12 +214,12 @@ def test_quantization_aware_fit_lowers_quantized_error():
         assert recon_error(w, aq, bq, x, quant) < slack * e_plain, quant
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_unpack_codes_equals_primitive_unpack(bits):
     from ptq.kv.cskv_cache import unpack_codes
     from ptq.quant.primitives import pack, unpack
 
-    for k in (5, 16, 72):
+    for k in (5, 16, 72, 192):
         codes = torch.randint(0, 2**bits, (2, 7, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
         packed = pack(codes, bits)
         assert torch.equal(unpack_codes(packed, bits, k), codes)

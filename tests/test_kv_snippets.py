@@ -45,3 +45,6 @@ def test_doc_generate_snippet_runs(gqa_dir, tmp_path, capsys, doc, name, recipe,
     assert isinstance(cache, DSCache if recipe == "double-sparsity" else CSKVCache)
     assert env["out"].sequences.shape[1] == env["ids"].shape[1] + 16
     assert str(cache.nbytes()) in capsys.readouterr().out
+    if recipe == "cskv":  # the prompt fills at least one window: the compressed branch holds quantized features
+        layer = cache.layers[0]
+        assert layer.t["k_codes"].shape[1] >= layer.window and layer.t["v_codes"].shape[1] >= layer.window

@@ -39,6 +39,8 @@ def test_never_above_init_and_weights_match_codes(tiny_models, init, sym, clip):
         assert err <= st["lr_loss_init"] * (1 + 1e-5) + 1e-9, (err, st)
         assert abs(err - min(st["lr_loss_init"], st["lr_loss_final"])) <= 1e-5 * max(err, 1e-6)
         kept += st["lr_kept"]
+        for mine, ref in zip(ctx.next_hidden, ctx.outputs()):  # handed to the loop instead of a second forward
+            torch.testing.assert_close(mine, ref)
         for n in ctx.linears():
             qw = ctx.qweights[ctx.prefix + n]
             assert isinstance(qw, QuantizedWeight) and qw.codes.dtype == torch.uint8 and qw.sym == sym
@@ -121,3 +123,27 @@ def test_fp_target_follows_the_fp_model(tiny_models):
     assert all(s["lr_loss_init"] > 0 for s in loop.layer_stats)
     with pytest.raises(ValueError, match="target must be"):
         LearnedRoundingPass.Options(target="teacher")
+
+
+def test_loop_uses_the_outputs_of_the_last_pass_only(tiny_models):
+    """The loop reuses learned rounding's outputs as the next layer's inputs only when no pass ran after it."""
+    from ptq.pipeline import Pass, compress_loop
+
+    class Halve(Pass):
+        name = "halve"
+
+        def apply(self, ctx):
+            for n in ctx.linears():
+                ctx.module(n).weight.data *= 0.5
+
+    spec = QuantSpec(3, 32, False)
+    ids = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def final(passes):
+        sm = StreamingModel.open(str(tiny_models["llama"]))
+        return compress_loop(sm, passes, ids, spec, batch_size=2).final
+
+    opts = LearnedRoundingPass.Options(iters=2)
+    alone = final([LearnedRoundingPass(opts, spec)])
+    halved = final([LearnedRoundingPass(opts, spec), Halve()])
+    assert all(float((a.hidden - b.hidden).abs().max()) > 1e-3 for a, b in zip(alone, halved))

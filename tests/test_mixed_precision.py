@@ -12,7 +12,7 @@ import torch
 
 from ptq.compress import CompressOptions, compress
 from ptq.export.gptq_format import dynamic_override
-from ptq.mixed_precision import _hull, allocate, allocate_units, linear_costs
+from ptq.mixed_precision import _hull, allocate, allocate_units, linear_costs, plan_from_scores
 from ptq.model_io import full_model, open_weights
 from ptq.quant.primitives import QuantSpec
 from ptq.quant.qweight import QuantizedWeight
@@ -67,6 +67,19 @@ def test_units_share_one_width():
     for ms in units.values():
         assert len({bits[m] for m in ms}) == 1
     assert _avg(bits, params) <= 3.5
+
+
+def test_starved_units_keep_the_base_width():
+    """A unit whose Hessian saw too few tokens (a starved MoE expert: zero cost at every width) is not pushed to
+    2 bits; the others share the rest of the budget."""
+    costs, params = _random_problem(2, 6)
+    units = {f"u{i}": [f"m{i}"] for i in range(6)}
+    costs["m5"] = {b: 0.0 for b in WIDTHS}
+    plan = plan_from_scores(costs, params, units, {"u5": 3}, 3.5, WIDTHS)
+    assert plan.bits["m5"] == 3 and plan.pinned == ["u5"] and plan.average_bits <= 3.5
+    assert plan.manifest()["pinned_units"] == ["u5"]
+    free = plan_from_scores(costs, params, units, {}, 3.5, WIDTHS)
+    assert free.bits["m5"] == 2 and free.pinned == []
 
 
 def test_hull_drops_dominated_widths():

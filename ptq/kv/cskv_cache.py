@@ -55,13 +55,24 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """`ptq.quant.primitives.unpack` for uint8 words: ``[..., W]`` -> uint8 codes ``[..., k]`` (same layout, code i
     at bits ``(i % per) * bits`` of word ``i // per``). Widths that divide 8 shift in uint8 (a decode step unpacks
     every cached code; the generic path widens to int64 first)."""
-    if packed.dtype != torch.uint8 or 8 % bits:
+    if packed.dtype != torch.uint8 or not 1 <= bits <= 8:
         return unpack(packed, bits, k)
     if bits == 8:
         return packed[..., :k]
     mask = 2**bits - 1
-    parts = [(packed >> (j * bits)) & mask for j in range(8 // bits)]
-    return torch.stack(parts, -1).flatten(-2)[..., :k]
+    if 8 % bits == 0:
+        parts = [(packed >> (j * bits)) & mask for j in range(8 // bits)]
+        return torch.stack(parts, -1).flatten(-2)[..., :k]
+    # other widths: 8 codes fill exactly `bits` bytes (LSB-first bitstream); join each group into one integer
+    w = packed.shape[-1]
+    ng = -(-w // bits)
+    p = torch.nn.functional.pad(packed, (0, ng * bits - w)) if ng * bits != w else packed
+    g = p.reshape(*p.shape[:-1], ng, bits).to(torch.int32 if bits <= 3 else torch.int64)
+    val = g[..., 0]
+    for j in range(1, bits):
+        val = val | (g[..., j] << (8 * j))
+    codes = (val[..., None] >> (torch.arange(8, dtype=val.dtype) * bits)) & mask
+    return codes.flatten(-2)[..., :k].to(torch.uint8)
 
 
 @dataclass

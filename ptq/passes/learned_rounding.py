@@ -13,10 +13,13 @@ initial grid's end points ``x_hi = (2^b - 1 - z0) s0`` and ``x_lo = -z0 s0``:
     L = mean || layer_fp(X) - layer_q(X) ||^2
 
 on the calibration inputs ``X`` of this layer, which come from the already-compressed previous layers. The
-target is the fp layer run on those same inputs: it is the objective GPTQ minimises per linear, extended to the
-whole block (attention and MLP interact), and it needs no second stream of fp activations, so memory stays one
-layer + inputs + targets. ``v`` and ``m`` take signed-gradient steps with a learning rate decaying linearly
-from ``lr`` to 0 (AutoRound's optimiser).
+target ``layer_fp(.)`` is, by default (``target: fp``, AutoRound's objective), the fp layer run on the fp model's
+own hidden states ``X_fp``: ``L = mean || layer_fp(X_fp) - layer_q(X) ||^2``, so each layer also learns to undo
+the error its inputs carry from the layers before it. The pass carries that second stream of activations from
+layer to layer (one more ``[n, L, H]`` tensor in memory; after a resume it restarts from the compressed inputs).
+``target: chain`` uses the fp layer on ``X`` itself: the objective GPTQ minimises per linear, extended to the
+whole block. ``v`` and ``m`` take signed-gradient steps with a learning rate decaying linearly from ``lr`` to 0
+(AutoRound's optimiser).
 
 Initialisation: RTN or GPTQ codes (``init``). ``v0`` is the smallest offset that makes the rounding reproduce the
 initial code, so weights GPTQ moved sit just inside their new code's interval and can move back. At the end the
@@ -118,7 +121,7 @@ class LearnedRoundingPass(Pass):
     @dataclass
     class Options:
         init: str = "gptq"  # rtn | gptq: the codes learning starts from
-        target: str = "chain"  # fp: fp layer on the fp model's inputs (AutoRound's); chain: on this layer's inputs
+        target: str = "fp"  # fp: fp layer on the fp model's inputs (AutoRound's); chain: on this layer's inputs
         iters: int = 24  # signed-gradient steps per decoder layer (AutoRound uses 200 on GPUs)
         lr: float = 0.005  # rounding-offset step (0 = 1 / iters, AutoRound's default); decays linearly to 0
         batch: int = 2  # calibration sequences per step
@@ -170,12 +173,15 @@ class LearnedRoundingPass(Pass):
         return [y.float() for y in outs]
 
     @torch.no_grad()
-    def _loss(self, ctx: LayerContext, targets: list[torch.Tensor], weights: dict | None = None) -> float:
-        tot = 0.0
+    def _loss(self, ctx: LayerContext, targets: list[torch.Tensor],
+              weights: dict | None = None) -> tuple[float, list[torch.Tensor]]:
+        """Mean squared layer-output error over all calibration batches, and the outputs ``[b, L, H]``."""
+        tot, outs = 0.0, []
         for b, y in zip(ctx.batches, targets):
             out = layer_forward(ctx.layer, b) if weights is None else _forward(ctx.layer, weights, b)
             tot += float((out.float() - y).pow(2).mean())
-        return tot / max(1, len(targets))
+            outs.append(out)
+        return tot / max(1, len(targets)), outs
 
     def apply(self, ctx: LayerContext) -> None:
         if not ctx.batches:
@@ -186,7 +192,7 @@ class LearnedRoundingPass(Pass):
         targets = self._targets(ctx)
         start = self._init(ctx)  # sets ctx.qweights and the layer's weights to the init's dequantized values
         init_q = {n: ctx.qweights[ctx.prefix + n] for n in names}
-        loss0 = self._loss(ctx, targets)
+        loss0, out0 = self._loss(ctx, targets)
         learners = {n: LearnedLinear(fp[n], init_q[n], o.learn_clip, start.get(n)) for n in names}
         for p in ctx.layer.parameters():
             p.requires_grad_(False)
@@ -207,7 +213,7 @@ class LearnedRoundingPass(Pass):
         with torch.no_grad():
             final = {n: lr_.export() for n, lr_ in learners.items()}
             wq = {f"{n}.weight": final[n].dequantize().to(fp[n].dtype) for n in names}
-            loss1 = self._loss(ctx, targets, wq)
+            loss1, out1 = self._loss(ctx, targets, wq)
         keep = loss1 < loss0
         chosen = final if keep else init_q
         for n in names:
@@ -215,6 +221,7 @@ class LearnedRoundingPass(Pass):
             lin.weight.data = chosen[n].dequantize().to(fp[n].dtype)
             ctx.qweights[ctx.prefix + n] = chosen[n]
             ctx.stats[f"{n}.wmse"] = float((lin.weight.data.float() - fp[n].float()).pow(2).mean())
+        ctx.next_hidden = out1 if keep else out0  # the layer's outputs with the chosen weights: no second forward
         ctx.stats["lr_loss_init"] = loss0
         ctx.stats["lr_loss_final"] = loss1
         ctx.stats["lr_kept"] = bool(keep)
