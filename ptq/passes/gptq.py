@@ -28,6 +28,7 @@ import torch
 
 from ptq import moe
 from ptq.pipeline import LayerContext, Pass
+from ptq.quant.hessian import inverse_cholesky_factor
 from ptq.quant.primitives import QuantSpec, compute_qparams
 from ptq.quant.qweight import QuantizedWeight
 
@@ -48,21 +49,6 @@ class HessianAccumulator:
         self.n += m
         x = x * math.sqrt(2 / self.n)
         self.H += x.T @ x
-
-
-def _inverse_factor(H: torch.Tensor, damp: float, max_tries: int = 4) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp*mean(diag)*I)^-1``; damping x10 on each failed Cholesky."""
-    mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    for _ in range(max_tries):
-        try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            Hinv = torch.cholesky_inverse(L)
-            return torch.linalg.cholesky(Hinv, upper=True), damp
-        except torch.linalg.LinAlgError:
-            damp *= 10
-    raise RuntimeError(f"GPTQ: Hessian not positive definite even with damping {damp / 10:g}; "
-                       "use more calibration samples or a larger damp")
 
 
 def _qparams_cols(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +84,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
-    U, used_damp = _inverse_factor(H, damp)
+    U, used_damp = inverse_cholesky_factor(H, damp)
 
     codes = torch.zeros(N, K, dtype=torch.uint8)
     updated = torch.zeros(N, K) if return_updated else None

@@ -12,21 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ptq.quant.hessian import inverse_cholesky_factor
 from ptq.quant.power import _col, qmax, round_half
-
-
-def _inverse_factor(H: torch.Tensor, damp: float, max_tries: int = 4) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp*mean(diag)*I)^-1``; damping x10 on each failed Cholesky (as GPTQ)."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    mean_diag = torch.mean(torch.diag(H))
-    for _ in range(max_tries):
-        try:
-            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H + damp * mean_diag * eye))
-            return torch.linalg.cholesky(Hinv, upper=True)
-        except torch.linalg.LinAlgError:
-            damp *= 10
-    raise RuntimeError(f"NUPES: Hessian not positive definite even with damping {damp / 10:g}; "
-                       "use more calibration samples or a larger damp")
 
 
 def _project(w: torch.Tensor, s: torch.Tensor, a, inv_a, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +77,7 @@ def inverse_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = True) 
     H[dead, dead] = 1
     K = H.shape[0]
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(K)
-    U = _inverse_factor(H[perm][:, perm], damp)
+    U, _ = inverse_cholesky_factor(H[perm][:, perm], damp, method="NUPES")
     return U, perm
 
 
