@@ -4,7 +4,8 @@ dynamic fake-quant on the decoder linears' inputs (the OS+ LLaMA setting). Calib
 (``$PTQ_DATA/janeausten``), the same ``--calib-samples`` x 512 tokens for every method (OS+ statistics and
 search, SmoothQuant's absmax, GPTQ).
 
-Config names: ``METHOD-wXaY[-dpfp]``. METHOD: ``naive`` (RTN + act quant), ``sq`` (SmoothQuant alpha 0.5),
+Config names: ``METHOD[-sym|-asym]-wXaY[-dpfp|-dpq]``
+(``-sym`` / ``-asym``: weight symmetry; default the recipe's for ``os-recipe``, asymmetric otherwise). METHOD: ``naive`` (RTN + act quant), ``sq`` (SmoothQuant alpha 0.5),
 ``os`` (OS+ scale search, recipe defaults), ``os-dense`` (OS+ with every grid point and the loss on all tokens:
 the unsubsampled reference search), ``os-gptq`` (OS+ then GPTQ), ``os-shift`` (OS+ with explicit RMSNorm shift).
 Without ``-dpfp`` the down_proj input is quantized (and migrated from up_proj by ``sq`` / ``os``); with
@@ -116,9 +117,16 @@ def run_config(name: str, args, model_dir, calib, windows) -> dict:
         return {"config": name, "series": SERIES, "ppl": m.ppl, "tokens": m.tokens, "windows": len(windows),
                 "eval_s": round(time.time() - t0, 1)}
     method, wb, ab, down = parse(name)
+    wsym = None  # weight symmetry: METHOD-sym / METHOD-asym override; default: the recipe's, else asymmetric
+    if method.endswith(("-asym", "-sym")):
+        method, wsym = method.rsplit("-", 1)[0], method.endswith("-sym")
     if method.startswith("naive") and down == "migrated":
         down = "quantized"  # nothing migrates without a migration pass
-    spec = QuantSpec(bits=wb, group_size=-1, sym=method.startswith("os-recipe"))  # the recipe: symmetric W
+    if wsym is None:
+        from ptq.recipes import load_recipe
+        rec = "os+-down-fp" if down == "fp" else "os+"
+        wsym = load_recipe(rec).defaults.sym if method.startswith("os-recipe") else False
+    spec = QuantSpec(bits=wb, group_size=-1, sym=wsym)
     defaults = Defaults(bits=wb, group_size=-1, act_bits=ab, act_granularity="token")
     passes = passes_for(method, down, args)
     for p in passes:
@@ -138,7 +146,7 @@ def run_config(name: str, args, model_dir, calib, windows) -> dict:
     model, _ = full_model(out)
     spec_json = load_act_quant(model, out)
     m = model_metrics(model, windows)
-    res = {"config": name, "series": SERIES, "method": method, "w_bits": wb, "a_bits": ab,
+    res = {"config": name, "series": SERIES, "method": method, "w_bits": wb, "w_sym": wsym, "a_bits": ab,
            "down_proj_input": down, "ppl": m.ppl, "tokens": m.tokens,
            "windows": len(windows), "calib_samples": n, "calib_seqlen": 512,
            "act_quant_linears": sum(1 for e in (spec_json or {}).get("linears", {}).values() if e.get("quant", True)),
