@@ -217,9 +217,16 @@ def osplus_w4a4():
 
 
 OSPLUS_W6A6_ROWS = [
-    ("os-recipe-w6a6-dpfp", "`os+-down-fp` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input in full precision"),
-    ("os-recipe-w6a6", "`os+` recipe: OS+ -> GPTQ (W6 sym) -> A6; down_proj input migrated and quantized"),
-    ("os-old-w6a6-dpq", "earlier configuration (9509178), RTN; down_proj input quantized, not migrated"),
+    ("os-recipe-asym-w6a6-dpfp", "`os+-down-fp` recipe (W6 asymmetric, its default): OS+ -> GPTQ -> A6; down_proj "
+     "input in full precision"),
+    ("os-w6a6-dpfp", "OS+ -> RTN (W6 asymmetric) -> A6; down_proj input in full precision"),
+    ("os-recipe-w6a6-dpfp", "`os+-down-fp` with W6 symmetric (its earlier default): OS+ -> GPTQ -> A6"),
+    ("os-recipe-asym-w6a6", "`os+` recipe with `--asym` (W6 asymmetric): OS+ -> GPTQ -> A6; down_proj input "
+     "migrated and quantized"),
+    ("os-recipe-w6a6", "`os+` recipe (W6 symmetric, its default): OS+ -> GPTQ -> A6; down_proj input migrated and "
+     "quantized"),
+    ("os-old-w6a6-dpq", "earlier configuration (9509178), RTN (W6 asymmetric); down_proj input quantized, not "
+     "migrated"),
 ]
 
 

@@ -43,6 +43,8 @@ CASES = {  # name: (weight bits, sym, group size, act granularity, passes, skipp
     "w4a8-tensor-sym-dpfp": (4, True, 32, "tensor", ["os+: {grid: 8, max_steps: 8, down_proj: false}", "rtn: {}"],
                              ("mlp.down_proj",), "pack-quantized"),
     "w4a8-token-asym": (4, False, 32, "token", ["os+: {grid: 8, max_steps: 8}", "gptq: {}"], (), "int-quantized"),
+    # the built-in W6A6 recipe as typed (passes None): asymmetric W6 -> int-quantized, down_proj weight-only
+    "w6a6-os+-down-fp": (6, False, -1, "token", None, ("mlp.down_proj",), "int-quantized"),
 }
 
 
@@ -56,8 +58,12 @@ def exports(tiny_models, tmp_path_factory):
         if case not in cache:
             bits, sym, gs, gran, passes, skip, _ = CASES[case]
             out = root / case
-            compress(CompressOptions(model=str(tiny_models["llama"]), out=str(out),
-                                     recipe=_recipe(root, case, bits, sym, gs, 8, gran, passes, skip)))
+            if passes is None:  # a built-in recipe with its own defaults (case name after the W/A bits)
+                compress(CompressOptions(model=str(tiny_models["llama"]), out=str(out), recipe=case.split("-", 1)[1],
+                                         bits=bits, act_bits=bits, nsamples=4, seqlen=64))
+            else:
+                compress(CompressOptions(model=str(tiny_models["llama"]), out=str(out),
+                                         recipe=_recipe(root, case, bits, sym, gs, 8, gran, passes, skip)))
             cache[case] = out
         return cache[case]
     return get
@@ -73,6 +79,7 @@ def test_ct_activation_quant_runs_in_transformers(exports, ids, case):
     g0 = qc["config_groups"]["group_0"]
     assert qc["format"] == wfmt and g0["format"] == wfmt
     assert g0["input_activations"]["strategy"] == gran and g0["input_activations"]["symmetric"] == sym
+    assert g0["weights"]["num_bits"] == bits and g0["weights"]["symmetric"] == sym
     assert g0["input_activations"]["dynamic"] == (gran == "token")
     if skip:
         assert qc["config_groups"]["group_1"]["targets"] == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
