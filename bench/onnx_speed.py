@@ -212,6 +212,7 @@ def main():
                     help="extra builder configuration(s), e.g. int4_block_size=128 (default build always runs)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ptq_onnx_speed"))
     ap.add_argument("--embed-bits", type=int, default=4)
+    ap.add_argument("--embed-method", default="rtn", help="quantizer of the ptq embedding / lm_head (ptq.head_quant)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -247,7 +248,8 @@ def main():
         build_fp32(src, dirs["fp32"])
     if not dirs["ptq int4"].exists():
         t = time.time()
-        rep = export_onnx_dir(Path(a.compressed), dirs["ptq int4"], accuracy_level=4, embed_bits=a.embed_bits)
+        rep = export_onnx_dir(Path(a.compressed), dirs["ptq int4"], accuracy_level=4, embed_bits=a.embed_bits,
+                              embed_method=a.embed_method)
         built["ptq int4"] = {"export_s": round(time.time() - t, 1), "graph": rep["graph"],
                              "validation": {k: v for k, v in rep["validation"].items() if "torch" not in k}}
         print(json.dumps(built["ptq int4"]), flush=True)
@@ -304,7 +306,8 @@ def main():
         if name in built:
             row["build"] = built[name]
         if name == "ptq int4":
-            row["source"] = f"ptq compress --format gptq ({Path(a.compressed).name}), --embed-bits {a.embed_bits}"
+            row["source"] = (f"ptq compress --format gptq ({Path(a.compressed).name}), --embed-bits {a.embed_bits} "
+                             f"--embed-method {a.embed_method}")
         print(json.dumps(row))
         if not a.no_log:
             append("onnx_speed", row, command=f"python bench/onnx_speed.py {clean_args(sys.argv[1:], a)}")

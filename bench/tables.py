@@ -512,7 +512,9 @@ def onnx_speed():
         ratio = r.get("decode_vs_builder_int4_same_runtime")
         cmd = r.get("command", "").split()
         emb = cmd[cmd.index("--embed-bits") + 1] if "--embed-bits" in cmd else "4"
-        body.append([f"ptq --embed-bits {emb}", r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
+        meth = cmd[cmd.index("--embed-method") + 1] if "--embed-method" in cmd else "rtn"
+        src = cmd[cmd.index("--compressed") + 1] if "--compressed" in cmd else "?"
+        body.append([f"{src}, --embed-bits {emb} {meth}", r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
                      f"{r['prefill_ms']:.0f}", str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}",
                      f"{r['wikitext2_ppl']:.3f}"])
     return head, body
