@@ -37,10 +37,11 @@ def build(args) -> dict[str, Path]:
     (same `weight_sites` map, `quantize_graph`), then validated against the fake-quant model."""
     import onnx
 
-    from cli.export_cmd import load_compressed, quantize_embeddings
+    from cli.export_cmd import load_compressed
     from ptq.export.onnx_graph import export_graph, save_model, weight_sites
     from ptq.export.onnx_quant import quantize_graph, set_accuracy_level
     from ptq.export.onnx_validate import sample_ids, validate
+    from ptq.head_quant import quantize_embeddings
     from ptq.model_io import full_model, tokenizer_for
     from ptq.models.smollm2 import ensure_cache
     from ptq.quant.primitives import QuantSpec

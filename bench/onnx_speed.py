@@ -8,8 +8,9 @@ ONNX models themselves (first ``--windows`` 512-token windows, no BOS, the expor
 
 PEER_VENV: onnxruntime-genai (+ torch, transformers, onnx_ir for its builder). Each timed variant runs in its own
 child process (peak RSS = that process): one warm-up generation, then ``--reps`` generations of ``--new`` greedy
-tokens after a ``--prompt``-token prompt (batch 1); prefill = the prompt's forward, decode tok/s = tokens after the
-first / their time; medians. "our loop" feeds each step's ``present.*`` back as ``past_key_values.*``
+tokens after a ``--prompt``-token prompt (batch 1), in ``--rounds`` interleaved rounds over all variants (order
+reversed every other round, reps pooled: slow drift of the shared machine's load hits every variant alike);
+prefill = the prompt's forward, decode tok/s = tokens after the first / their time; medians. "our loop" feeds each step's ``present.*`` back as ``past_key_values.*``
 (as ptq.export.onnx_validate.decode_feed does; numpy + onnxruntime only in that process); onnxruntime-genai shares one past/present buffer. The machine load
 (``os.getloadavg``) before and after the timing is in every row. Rows: bench/results/onnx_speed.jsonl.
 """
@@ -212,9 +213,12 @@ def main():
                     help="extra builder configuration(s), e.g. int4_block_size=128 (default build always runs)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ptq_onnx_speed"))
     ap.add_argument("--embed-bits", type=int, default=4)
+    ap.add_argument("--embed-method", default="rtn", help="quantizer of the ptq embedding / lm_head (ptq.head_quant)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds over all variants (order reversed "
+                    "every other round); reps pooled across rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -247,7 +251,8 @@ def main():
         build_fp32(src, dirs["fp32"])
     if not dirs["ptq int4"].exists():
         t = time.time()
-        rep = export_onnx_dir(Path(a.compressed), dirs["ptq int4"], accuracy_level=4, embed_bits=a.embed_bits)
+        rep = export_onnx_dir(Path(a.compressed), dirs["ptq int4"], accuracy_level=4, embed_bits=a.embed_bits,
+                              embed_method=a.embed_method)
         built["ptq int4"] = {"export_s": round(time.time() - t, 1), "graph": rep["graph"],
                              "validation": {k: v for k, v in rep["validation"].items() if "torch" not in k}}
         print(json.dumps(built["ptq int4"]), flush=True)
@@ -274,17 +279,24 @@ def main():
         variants = [v for v in variants if v[1] == "ours"]
     load0 = os.getloadavg()
     res = {}
-    for name, rt in variants:
-        py = sys.executable if rt == "ours" else a.peer_python
-        cmd = [py, str(Path(__file__).resolve()), "--child", rt, "--dir", str(dirs[name]), "--ids", json.dumps(ids),
-               "--new", str(a.new), "--reps", str(a.reps), "--threads", str(a.threads)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(a.threads))
-        wall, cpu, _, out = run_child(cmd, env=env, cwd=ROOT)
-        r = json.loads(out.strip().splitlines()[-1])
-        r.update(wall=wall, cpu=cpu, rss=r["peak_rss"])
-        res[(name, rt)] = r
-        print(f"{name:<32} {rt:<6} decode {statistics.median(r['decode_tps']):6.1f} tok/s  prefill "
-              f"{1e3 * statistics.median(r['prefill_s']):6.0f} ms  peak RSS {r['rss'] / 2**20:6.0f} MiB", flush=True)
+    for rnd in range(a.rounds):  # interleaved rounds, alternating order: machine drift hits every variant alike
+        for name, rt in (variants if rnd % 2 == 0 else variants[::-1]):
+            py = sys.executable if rt == "ours" else a.peer_python
+            cmd = [py, str(Path(__file__).resolve()), "--child", rt, "--dir", str(dirs[name]), "--ids",
+                   json.dumps(ids), "--new", str(a.new), "--reps", str(a.reps), "--threads", str(a.threads)]
+            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(a.threads))
+            wall, cpu, _, out = run_child(cmd, env=env, cwd=ROOT)
+            r = json.loads(out.strip().splitlines()[-1])
+            if (name, rt) in res:  # pool this round's reps with the earlier rounds'
+                prev = res[(name, rt)]
+                r["decode_tps"] = prev["decode_tps"] + r["decode_tps"]
+                r["prefill_s"] = prev["prefill_s"] + r["prefill_s"]
+                r["peak_rss"] = max(prev["peak_rss"], r["peak_rss"])
+            r.update(rss=r["peak_rss"])
+            res[(name, rt)] = r
+            print(f"round {rnd + 1} {name:<32} {rt:<6} decode {statistics.median(r['decode_tps']):6.1f} tok/s  "
+                  f"prefill {1e3 * statistics.median(r['prefill_s']):6.0f} ms  peak RSS {r['rss'] / 2**20:6.0f} MiB",
+                  flush=True)
     load1 = os.getloadavg()
     ref = {rt: statistics.median(res[("builder int4", rt)]["decode_tps"]) for rt in ("ours", "genai")
            if ("builder int4", rt) in res}
@@ -298,13 +310,14 @@ def main():
                "peak_rss_mib": round(r["rss"] / 2**20), "size_mib": round(model_bytes(dirs[name]) / 2**20, 1),
                "wikitext2_ppl": round(ppl[name], 3), "ppl_windows": a.windows, "ppl_seqlen": a.seqlen,
                "accuracy_levels": acc_levels(dirs[name]), "prompt_tokens": len(ids), "new_tokens": a.new,
-               "reps": a.reps, "intra_op_threads": a.threads, "loadavg_before": [round(x, 2) for x in load0],
+               "reps": a.reps, "rounds": a.rounds, "intra_op_threads": a.threads, "loadavg_before": [round(x, 2) for x in load0],
                "loadavg_after": [round(x, 2) for x in load1],
                "greedy_equal_ptq_int4_ours": sum(x == y for x, y in zip(r["ids"], res[("ptq int4", "ours")]["ids"]))}
         if name in built:
             row["build"] = built[name]
         if name == "ptq int4":
-            row["source"] = f"ptq compress --format gptq ({Path(a.compressed).name}), --embed-bits {a.embed_bits}"
+            row["source"] = (f"ptq compress --format gptq ({Path(a.compressed).name}), --embed-bits {a.embed_bits} "
+                             f"--embed-method {a.embed_method}")
         print(json.dumps(row))
         if not a.no_log:
             append("onnx_speed", row, command=f"python bench/onnx_speed.py {clean_args(sys.argv[1:], a)}")

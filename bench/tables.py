@@ -426,7 +426,8 @@ def _latest_run(rs: list[dict], *keys: str) -> list[dict]:
 @renderer("ds_smollm2_ppl")
 def ds_smollm2_ppl():
     """bench/ds_smollm2.py --part ppl (docs/double_sparsity.md): wikitext-2 perplexity at 2048 tokens; per token
-    selection, the latest run with that selection (its dense row measured in the same run)."""
+    selection, the latest run with that selection (its dense row measured in the same run; dense attention does not
+    depend on the selection, so a run without one is compared with the latest dense row)."""
     rs = rows("ds_smollm2_ppl")
     body = []
     for sel in ("kv", "head", "query-labels"):
@@ -434,7 +435,8 @@ def ds_smollm2_ppl():
         if not mine:
             continue
         run = _latest_run(mine, "config")
-        dense = next(r for r in run if r["config"] == "dense")
+        dense = next((r for r in run if r["config"] == "dense"), None)
+        dense = dense or [r for r in rs if r["config"] == "dense"][-1]
         for r in run:
             d = r is dense
             body.append([sel, r["config"], f"{r['ppl']:.3f}", "" if d else pct(r["ppl"] / dense["ppl"] - 1),
@@ -517,7 +519,10 @@ def onnx_speed():
         ratio = r.get("decode_vs_builder_int4_same_runtime")
         cmd = r.get("command", "").split()
         emb = cmd[cmd.index("--embed-bits") + 1] if "--embed-bits" in cmd else "4"
-        body.append([f"ptq --embed-bits {emb}", r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
+        meth = cmd[cmd.index("--embed-method") + 1] if "--embed-method" in cmd else "rtn"
+        src = cmd[cmd.index("--compressed") + 1] if "--compressed" in cmd else "?"
+        rounds = f", {r['rounds']} rounds x {r['reps']} reps" if r.get("rounds", 1) > 1 else ""
+        body.append([f"{src}, --embed-bits {emb} {meth}{rounds}", r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
                      f"{r['prefill_ms']:.0f}", str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}",
                      f"{r['wikitext2_ppl']:.3f}"])
     return head, body

@@ -19,39 +19,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ptq.head_quant import embedding_paths as _embedding_paths
 from ptq.quant.qweight import QuantizedWeight
 
 MODEL_FILE = "model.onnx"
+EMBED_CALIB_WINDOWS = 16  # x 512 tokens: the lm_head Hessian of --embed-method gptq (d x d, d = hidden size)
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
-
-
-def _embedding_paths(model: nn.Module) -> tuple[str, str]:
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    return names[id(emb)], names[id(head)]
-
-
-@torch.no_grad()
-def quantize_embeddings(model: nn.Module, qweights: dict, bits: int, group_size: int = 32) -> tuple[dict, list]:
-    """Opt-in RTN of the (fp) embedding / lm_head at export (``--embed-bits``): updates the model's weights to the
-    dequantized values (so the reference stays the fake-quant model) and returns ``(tied map, paths quantized)``."""
-    from ptq.quant.primitives import QuantSpec
-
-    emb_path, head_path = _embedding_paths(model)
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied_w = head.weight.data_ptr() == emb.weight.data_ptr()
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=False)
-    done = []
-    for path, mod in ((head_path, head), (emb_path, emb)):
-        if path in qweights or (tied_w and path == emb_path):
-            continue
-        qw = QuantizedWeight.from_float(mod.weight.data, spec)
-        mod.weight.data.copy_(qw.dequantize())
-        qweights[path] = qw
-        done.append(path)
-    return ({emb_path: head_path} if tied_w else {}), done
 
 
 def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: Path, mode: str = "nbits",
@@ -163,7 +137,8 @@ def load_compressed(compressed_dir: Path) -> tuple[nn.Module, dict[str, Quantize
 
 
 def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4, qdq: bool = False,
-                    validate: bool = True, embed_bits: int | None = None, graph: str = "fused") -> dict:
+                    validate: bool = True, embed_bits: int | None = None, graph: str = "fused",
+                    embed_method: str = "rtn", embed_calib: str | None = None) -> dict:
     """`ptq compress --format onnx` / `ptq export`: compressed folder -> ONNX folder (+ config/tokenizer files)."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     _refuse_moe(Path(compressed_dir))
@@ -179,8 +154,6 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
         act_tensors = _Getter(SafetensorsSource(Path(compressed_dir)))
     mode = "qdq" if qdq else "nbits"
     tied, extra = None, []
-    if embed_bits:
-        tied, extra = quantize_embeddings(model, qweights, embed_bits)
     tok = None
     try:
         from ptq.model_io import tokenizer_for
@@ -188,6 +161,18 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
         tok = tokenizer_for(compressed_dir)
     except Exception:  # tokenizer files are optional for validation
         pass
+    if embed_bits:
+        from ptq.head_quant import quantize_embeddings
+
+        calib = None
+        if embed_method == "gptq":
+            if tok is None:
+                raise ValueError(f"--embed-method gptq needs calibration text: {compressed_dir} has no tokenizer "
+                                 "(copy the base model's tokenizer files into it)")
+            from calib.data import load_calibration
+
+            calib = load_calibration(embed_calib, tok, nsamples=EMBED_CALIB_WINDOWS, seqlen=512)
+        tied, extra = quantize_embeddings(model, qweights, embed_bits, method=embed_method, calib_ids=calib)
     from ptq.export.onnx_validate import sample_ids
 
     report = export_onnx(model, qweights, out_dir, mode=mode, accuracy_level=accuracy_level, validate=validate,
@@ -195,6 +180,8 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
                          graph=graph)
     report["source"] = str(compressed_dir)
     report["quantized_at_export"] = extra
+    if extra:
+        report["embed_quant"] = {"bits": embed_bits, "group_size": 32, "sym": False, "method": embed_method}
     if act_spec:
         report["act_quant_scheme"] = {k: act_spec[k] for k in ("bits", "granularity", "sym")}
     from ptq.validate import side_file
@@ -235,8 +222,13 @@ def register(app) -> None:
         accuracy_level: int = typer.Option(4, "--accuracy-level", help="MatMulNBits accuracy_level: 0 exact fp32 "
                                            "compute, 4 int8 activations (fast on CPU)"),
         qdq: bool = typer.Option(False, "--qdq", help="portable DequantizeLinear(int4, block) + MatMul graph"),
-        embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="also RTN-quantize the fp embedding / "
-                                                 "lm_head at export (4 or 8, group 32)"),
+        embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="also quantize the fp embedding / "
+                                                 "lm_head at export (2, 4 or 8 bits, asymmetric, group 32)"),
+        embed_method: str = typer.Option("rtn", "--embed-method", help="quantizer of --embed-bits: rtn | mse | "
+                                         "octav (clipped RTN) | gptq (lm_head GPTQ on final-norm outputs of "
+                                         "calibration text; a tied embedding shares its codes)"),
+        embed_calib: Optional[str] = typer.Option(None, "--embed-calib", help="calibration text of --embed-method "
+                                                  "gptq (default: the built-in text)"),
         no_validate: bool = typer.Option(False, "--no-validate", help="skip the onnxruntime check"),
         graph: str = typer.Option("fused", "--graph", help="fused: GroupQueryAttention / SkipSimplifiedLayerNorm "
                                   "graph + genai_config.json (llama, mistral, qwen2; others fall back to plain); "
@@ -255,11 +247,19 @@ def register(app) -> None:
             fail("--embed-bits must be 2, 4 or 8")
         if accuracy_level not in range(5):
             fail("--accuracy-level must be 0..4")
+        from ptq.head_quant import HEAD_METHODS
+
+        if embed_method not in HEAD_METHODS:
+            fail(f"--embed-method must be one of {', '.join(HEAD_METHODS)}, got {embed_method!r}")
+        if embed_method != "rtn" and not embed_bits:
+            fail("--embed-method needs --embed-bits")
+        if embed_calib is not None and not Path(embed_calib).exists():
+            fail(f"--embed-calib {embed_calib} does not exist")
         if graph not in ("fused", "plain"):
             fail(f"--graph must be fused or plain, got {graph!r}")
         try:
             rep = export_onnx_dir(compressed_dir, out or compressed_dir / "onnx", accuracy_level, qdq,
-                                  not no_validate, embed_bits, graph)
+                                  not no_validate, embed_bits, graph, embed_method, embed_calib)
         except ValueError as e:
             fail(str(e))
         v = rep.get("validation", {})

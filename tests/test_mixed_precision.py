@@ -161,6 +161,19 @@ def test_mixed_gptq_pass_uses_planned_bits(tiny_models, tmp_path):
     assert "mixed precision scoring" in report["stages"]
 
 
+def test_mixed_learned_rounding_keeps_planned_bits(tiny_models, tmp_path):
+    """Learned rounding under a budget (refused before it declared ``mixed_bits``): every linear keeps the width
+    the plan gave it (its GPTQ init's grid)."""
+    out = tmp_path / "lr"
+    report = _mixed(tiny_models["llama"], out, "gptq", recipe="learned-rounding", bits=3.5)
+    bits = _check_manifest(out, report)
+    reader = open_weights(out)
+    for path, b in bits.items():
+        qw = reader.qweight(path)
+        assert qw.bits == b and int(qw.codes.max()) <= 2**b - 1, path
+    assert report["mixed_precision"]["target_bits"] == 3.5
+
+
 def test_dynamic_parsed_by_gptqmodel(tiny_models, tmp_path):
     """The ``dynamic`` mapping means the same to GPTQModel's own resolver as to ours."""
     pytest.importorskip("gptqmodel")

@@ -117,6 +117,7 @@ class LearnedRoundingPass(Pass):
     name = "learned-rounding"
     needs_calibration = True
     quantizes_weights = True
+    mixed_bits = True  # the init (RTN / GPTQ) reads per-linear widths; learning keeps each init's grid and bits
 
     @dataclass
     class Options:
