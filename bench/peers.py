@@ -39,6 +39,10 @@ TOOLS = {  # tool -> (recipe, extra compress args, calibrated?)
     "gptq": ("gptq", [], True),
     "gptq-octav": ("gptq", ["--clip", "octav"], True),
     "learned-rounding": ("learned-rounding", [], True),
+    # longer schedules (AutoRound's own default is 200 steps of 8 sequences)
+    "learned-rounding-i120": ("learned-rounding", ["--set", "learned-rounding.iters=120"], True),
+    "learned-rounding-clip-i96": ("learned-rounding", ["--set", "learned-rounding.iters=96",
+                                                       "--set", "learned-rounding.learn_clip=true"], True),
     "mixed-3.5": ("gptq", ["--bits", "3.5"], True),  # mixed precision, average 3.5 bits (the setting's group size)
 }
 PEERS = {  # peer -> runner script in bench/peer_runners/
