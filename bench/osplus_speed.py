@@ -6,8 +6,8 @@ layers (bench/rss_7b.py's writer, fp16 safetensors), with 8 planted outlier chan
 weight so the scale search sees the outlier pattern it exists for. Both recipes run through `compress()` in this
 process, one after the other, on the same calibration (``--nsamples`` x ``--seqlen`` tokens of the embedded
 default text): ``gptq`` (W4 g128) and ``os+`` (OS+ search on q/k/v, gate/up and down_proj inputs, then the same
-GPTQ, then per-token activation quant). The OS+ search runs at the recipe's defaults (loss on 2048 tokens x
-2048 output features, coarse-to-fine grid); ``--dense`` also times the unsubsampled search (every grid point,
+GPTQ, then per-token activation quant). The OS+ search runs at the recipe's defaults (loss on 1024 tokens x
+1024 output features, coarse-to-fine grid); ``--dense`` also times the unsubsampled search (every grid point,
 loss on every token and feature) for comparison.
 
     python bench/osplus_speed.py [--nsamples 16] [--seqlen 512] [--dense]
