@@ -65,6 +65,8 @@ def compress(
                                        "0 = fp32, the quantized model exactly (docs/onnx.md)"),
     embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="also quantize embeddings / lm_head "
                                              "(8 or 4; compressed-tensors and onnx only, see docs/formats.md)"),
+    embed_method: str = typer.Option("rtn", "--embed-method", help="--format onnx: quantizer of --embed-bits: rtn | "
+                                     "mse | octav | gptq (GPTQ of the lm_head on --calib text; docs/onnx.md)"),
     eval_text: Optional[str] = typer.Option(None, "--eval-text", help="text file for perplexity/KL/top-1 after export"),
     eval_windows: int = typer.Option(40, help="evaluation windows"),
     bos: Optional[bool] = typer.Option(None, "--bos/--no-bos",
@@ -95,6 +97,12 @@ def compress(
                            store_dtype=store_dtype, embed_bits=None if onnx else embed_bits)
     if onnx and embed_bits not in (None, 4, 8):
         fail(f"--embed-bits for ONNX must be 4 or 8, got {embed_bits}")
+    from ptq.head_quant import HEAD_METHODS
+
+    if embed_method not in HEAD_METHODS:
+        fail(f"--embed-method must be one of {', '.join(HEAD_METHODS)}, got {embed_method!r}")
+    if embed_method != "rtn" and not (onnx and embed_bits):
+        fail("--embed-method needs --format onnx and --embed-bits")
     if accuracy_level not in range(5):
         fail(f"--accuracy-level must be 0..4, got {accuracy_level}")
     if accuracy_level != 4 and not onnx:
@@ -121,7 +129,8 @@ def compress(
 
         tmp_onnx = out / ".onnx-partial"
         try:
-            export_onnx_dir(out, tmp_onnx, accuracy_level=accuracy_level, embed_bits=embed_bits)
+            export_onnx_dir(out, tmp_onnx, accuracy_level=accuracy_level, embed_bits=embed_bits,
+                            embed_method=embed_method, embed_calib=calib)
         except (ValueError, RuntimeError, NotImplementedError) as e:
             shutil.rmtree(tmp_onnx, ignore_errors=True)
             fail(f"ONNX export failed: {e} (the compressed checkpoint is complete in {out}; "

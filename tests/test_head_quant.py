@@ -89,3 +89,25 @@ def test_cli_export_embed_method(tiny_models, tmp_path):
     assert bad.exit_code == 2 and "needs --embed-bits" in bad.output
     bad = CliRunner().invoke(app, ["export", str(out), "--embed-bits", "4", "--embed-method", "kmeans"])
     assert bad.exit_code == 2 and "--embed-method must be one of" in bad.output
+
+
+def test_compress_onnx_embed_method(tiny_models, tmp_path):
+    """`ptq compress --format onnx --embed-bits 4 --embed-method gptq` reaches the ONNX step (lm_head by GPTQ on the
+    calibration text); a stray --embed-method is refused before any work."""
+    pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path / "c"
+    r = CliRunner().invoke(app, ["compress", str(tiny_models["llama"]), "--out", str(out), "--recipe", "rtn",
+                                 "--bits", "4", "--group-size", "32", "--format", "onnx", "--accuracy-level", "0",
+                                 "--embed-bits", "4", "--embed-method", "gptq"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "onnx" / "onnx_report.json").read_text())
+    assert rep["embed_quant"]["method"] == "gptq" and rep["replaced"]["lm_head"] == "MatMulNBits"
+    assert rep["validation"]["max_abs_logit_diff_acc0"] < 1e-4
+    bad = CliRunner().invoke(app, ["compress", str(tiny_models["llama"]), "--out", str(tmp_path / "b"),
+                                   "--recipe", "rtn", "--embed-method", "gptq"])
+    assert bad.exit_code == 2 and "needs --format onnx and --embed-bits" in bad.output
+    assert not (tmp_path / "b").exists()
