@@ -247,12 +247,10 @@ def register(app) -> None:
             fail("--embed-bits must be 2, 4 or 8")
         if accuracy_level not in range(5):
             fail("--accuracy-level must be 0..4")
-        from ptq.head_quant import HEAD_METHODS
+        from ptq.head_quant import embed_method_error
 
-        if embed_method not in HEAD_METHODS:
-            fail(f"--embed-method must be one of {', '.join(HEAD_METHODS)}, got {embed_method!r}")
-        if embed_method != "rtn" and not embed_bits:
-            fail("--embed-method needs --embed-bits")
+        if err := embed_method_error(embed_method, embed_bits):
+            fail(err)
         if embed_calib is not None and not Path(embed_calib).exists():
             fail(f"--embed-calib {embed_calib} does not exist")
         if graph not in ("fused", "plain"):

@@ -97,12 +97,10 @@ def compress(
                            store_dtype=store_dtype, embed_bits=None if onnx else embed_bits)
     if onnx and embed_bits not in (None, 4, 8):
         fail(f"--embed-bits for ONNX must be 4 or 8, got {embed_bits}")
-    from ptq.head_quant import HEAD_METHODS
+    from ptq.head_quant import embed_method_error
 
-    if embed_method not in HEAD_METHODS:
-        fail(f"--embed-method must be one of {', '.join(HEAD_METHODS)}, got {embed_method!r}")
-    if embed_method != "rtn" and not (onnx and embed_bits):
-        fail("--embed-method needs --format onnx and --embed-bits")
+    if err := embed_method_error(embed_method, embed_bits if onnx else None, "--format onnx and --embed-bits"):
+        fail(err)
     if accuracy_level not in range(5):
         fail(f"--accuracy-level must be 0..4, got {accuracy_level}")
     if accuracy_level != 4 and not onnx:

@@ -28,6 +28,16 @@ from ptq.quant.qweight import QuantizedWeight
 HEAD_METHODS = ("rtn", "mse", "octav", "gptq")
 
 
+def embed_method_error(method: str, bits: int | None, needs: str = "--embed-bits") -> str | None:
+    """The one-line CLI error for ``--embed-method`` (None when it is usable): a known method, and any method but
+    the default only together with ``--embed-bits`` (``needs`` names what else the command requires)."""
+    if method not in HEAD_METHODS:
+        return f"--embed-method must be one of {', '.join(HEAD_METHODS)}, got {method!r}"
+    if method != "rtn" and not bits:
+        return f"--embed-method needs {needs}"
+    return None
+
+
 def embedding_paths(model: nn.Module) -> tuple[str, str]:
     """Module paths of the input embedding and the lm_head."""
     names = {id(m): n for n, m in model.named_modules()}
