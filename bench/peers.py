@@ -43,6 +43,11 @@ TOOLS = {  # tool -> (recipe, extra compress args, calibrated?)
     "learned-rounding-i120": ("learned-rounding", ["--set", "learned-rounding.iters=120"], True),
     "learned-rounding-clip-i96": ("learned-rounding", ["--set", "learned-rounding.iters=96",
                                                        "--set", "learned-rounding.learn_clip=true"], True),
+    # AutoRound's own schedule on ptq's pass: RTN start, 200 steps of 8 sequences, step 1/200, learned clipping
+    "learned-rounding-autoround": ("learned-rounding", ["--set", "learned-rounding.iters=200",
+                                                        "--set", "learned-rounding.batch=8",
+                                                        "--set", "learned-rounding.lr=0.005"], True),
+    "learned-rounding-i300": ("learned-rounding", ["--set", "learned-rounding.iters=300"], True),
     "mixed-3.5": ("gptq", ["--bits", "3.5"], True),  # mixed precision, average 3.5 bits (the setting's group size)
 }
 PEERS = {  # peer -> runner script in bench/peer_runners/

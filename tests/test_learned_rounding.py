@@ -61,6 +61,21 @@ def test_learned_linear_starts_exactly_at_its_init():
         ll = LearnedLinear(w, q, learn_clip=True)
         assert torch.equal(ll.export().codes, q.codes)
         torch.testing.assert_close(ll.weight().detach(), q.dequantize())
+    # a GPTQ-like init: codes rounded from error-updated weights, some pushed past the grid's ends, although the
+    # original weights lie inside the range (the codes at 0 and 2^b - 1 must be reproduced too)
+    start = w + 0.8 * torch.randn(16, 64, generator=g)
+    spec = QuantSpec(3, 32, False)
+    s, z = qw.scale, qw.zero.float()
+    S, Z = s.repeat_interleave(32, 1), z.repeat_interleave(32, 1)
+    codes = torch.clamp(torch.round(start / S) + Z, 0, 7).to(torch.uint8)
+    q3 = QuantizedWeight(codes, s, qw.zero, 3, 32, qw.g_idx)
+    edge = ((codes == 0) | (codes == 7)) & (torch.clamp(torch.round(w / S) + Z, 0, 7) != codes.float())
+    assert int(edge.sum()) > 5  # the case exists in this draw
+    for clip in (False, True):
+        ll = LearnedLinear(w, q3, learn_clip=clip, start=start)
+        assert torch.equal(ll.export().codes, codes)
+        torch.testing.assert_close(ll.weight().detach(), q3.dequantize(), rtol=0, atol=0)
+    assert spec.bits == 3
 
 
 def test_recipe_compresses_and_exports(tiny_models, tmp_path):
@@ -147,3 +162,42 @@ def test_loop_uses_the_outputs_of_the_last_pass_only(tiny_models):
     alone = final([LearnedRoundingPass(opts, spec)])
     halved = final([LearnedRoundingPass(opts, spec), Halve()])
     assert all(float((a.hidden - b.hidden).abs().max()) > 1e-3 for a, b in zip(alone, halved))
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-gqa", "opt", "qwen3", "gemma3_text", "qwen2-sliding"])
+def test_stacked_batches_equal_one_at_a_time(tiny_models, family_models, kind):
+    """Learned rounding runs a step's calibration sequences as one stacked forward; the stack is used only where
+    it reproduces the per-sequence outputs, and then the loss it computes is the per-sequence mean."""
+    from ptq.passes.learned_rounding import _Stacker
+
+    folder = tiny_models.get(kind) or family_models[kind]
+    ids = torch.randint(2, 300, (5, 40), generator=torch.Generator().manual_seed(3))
+    sm = StreamingModel.open(str(folder))
+    from ptq.pipeline import for_layer
+
+    batches = for_layer(capture_inputs(sm, ids, batch_size=1), 0)
+    layer = sm.load_layer(0)
+    st = _Stacker(layer, batches, batch=4)
+    assert st.stacked, kind  # every family here passes equal masks / rotary tables to every sequence
+    assert [len(c) for c in st.chunks()] == [5]
+    with torch.no_grad():
+        got = st.split(st.forward(layer, [0, 2, 4], None), [0, 2, 4])
+        from ptq.pipeline import layer_forward
+
+        for i, g in zip([0, 2, 4], got):
+            torch.testing.assert_close(g, layer_forward(layer, batches[i]), rtol=1e-4, atol=1e-5)
+
+
+def test_unequal_kwargs_run_one_at_a_time(tiny_models):
+    from ptq.passes.learned_rounding import _Stacker
+    from ptq.pipeline import Batch, for_layer
+
+    sm = StreamingModel.open(str(tiny_models["llama"]))
+    ids = torch.randint(2, 300, (3, 24), generator=torch.Generator().manual_seed(4))
+    batches = for_layer(capture_inputs(sm, ids, batch_size=1), 0)
+    kw = dict(batches[1].kwargs)
+    cos, sin = kw["position_embeddings"]
+    kw["position_embeddings"] = (cos * 0.5, sin)  # a different rotary table: stacking would be wrong
+    batches[1] = Batch(batches[1].hidden, kw, batches[1].attn)
+    st = _Stacker(sm.load_layer(0), batches, batch=2)
+    assert not st.stacked and st.group([0, 1]) == [[0], [1]]

@@ -46,23 +46,21 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class LearnedLinear:
     """Learnable rounding offsets and clip multipliers of one linear, initialised from a `QuantizedWeight`."""
 
-    def __init__(self, w: torch.Tensor, qw: QuantizedWeight, learn_clip: bool, start: torch.Tensor | None = None):
+    def __init__(self, w: torch.Tensor, qw: QuantizedWeight, learn_clip: bool, start: torch.Tensor | None = None,
+                 margin: float = 1e-3):
         self.w = w.detach().float()  # [N, K] fp weights
         self.qw0 = qw
         self.bits, self.sym, self.g_idx = qw.bits, qw.sym, qw.g_idx
         self.maxq = 2**qw.bits - 1
         self.s0 = qw.scale.float()
         self.z0 = qw.zeros().float()
-        self.hi0 = (self.maxq - self.z0) * self.s0  # [N, G] grid end points
-        self.lo0 = -self.z0 * self.s0
         S, Z = expand_groups(self.s0, self.g_idx), expand_groups(self.z0, self.g_idx)
         t = self.w / S
         target = qw.codes.float() - Z  # integer level the init chose
         # start where the init rounded from (GPTQ: its error-updated weight), kept inside the init code's interval
         v0 = torch.zeros_like(t) if start is None else start.float() / S - t
-        v0 = torch.clamp(v0, target - 0.5 + 1e-3 - t, target + 0.5 - 1e-3 - t)
-        inrange = (qw.codes > 0) & (qw.codes < self.maxq)  # clamped codes: any offset beyond the edge is equal
-        v0 = torch.where(inrange, v0, torch.clamp(v0, -0.5, 0.5))
+        # (codes at the grid's ends too: GPTQ may clamp a weight whose original value lies inside the range)
+        v0 = torch.clamp(v0, target - 0.5 + margin - t, target + 0.5 - margin - t)
         self.v_lo, self.v_hi = v0 - 0.5, v0 + 0.5
         self.v = v0.clone().requires_grad_(True)
         self.m_hi = torch.ones_like(self.s0, requires_grad=learn_clip)
@@ -79,11 +77,14 @@ class LearnedLinear:
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Learned ``scale, zero [N, G]`` (differentiable, zero rounded straight-through)."""
+        if not self.learn_clip:
+            return self.s0, self.z0
         if self.sym:
             return self.s0 * self.m_hi, self.z0
-        hi, lo = self.m_hi * self.hi0, self.m_lo * self.lo0
-        s = ((hi - lo) / self.maxq).clamp(min=1e-10)
-        z = torch.clamp(_round_ste(-lo / s), 0, self.maxq)
+        # s = (m_hi x_hi - m_lo x_lo) / (2^b - 1), z = round(-m_lo x_lo / s); written so that m = 1 gives s0, z0
+        # exactly (x_hi = (2^b - 1 - z0) s0, x_lo = -z0 s0)
+        s = (self.s0 * (self.m_hi * (self.maxq - self.z0) + self.m_lo * self.z0) / self.maxq).clamp(min=1e-10)
+        z = torch.clamp(_round_ste(self.m_lo * self.z0 * self.s0 / s), 0, self.maxq)
         return s, z
 
     def weight(self) -> torch.Tensor:
@@ -104,6 +105,14 @@ class LearnedLinear:
         self.m_hi.clamp_(0.5, 1.5)
         self.m_lo.clamp_(0.5, 1.5)
 
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in (self.v, self.m_hi, self.m_lo)]
+
+    @torch.no_grad()
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for p, q in zip((self.v, self.m_hi, self.m_lo), snap):
+            p.copy_(q)
+
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
         s, z = self.qparams()
@@ -121,13 +130,16 @@ class LearnedRoundingPass(Pass):
 
     @dataclass
     class Options:
-        init: str = "gptq"  # rtn | gptq: the codes learning starts from
+        init: str = "rtn"  # rtn | gptq: the codes learning starts from
         target: str = "fp"  # fp: fp layer on the fp model's inputs (AutoRound's); chain: on this layer's inputs
-        iters: int = 24  # signed-gradient steps per decoder layer (AutoRound uses 200 on GPUs)
-        lr: float = 0.005  # rounding-offset step (0 = 1 / iters, AutoRound's default); decays linearly to 0
-        batch: int = 2  # calibration sequences per step
-        learn_clip: bool = False  # learn per-group clip multipliers as well as the rounding
-        clip_lr: float = 0.0  # 0 = lr / 10
+        iters: int = 40  # signed-gradient steps per decoder layer (AutoRound: 200 steps of 8 sequences)
+        lr: float = 0.01  # rounding-offset step (0 = 1 / iters, AutoRound's default); decays linearly to 0
+        batch: int = 4  # calibration sequences per step, run as one stacked forward
+        learn_clip: bool = True  # learn per-group clip multipliers as well as the rounding
+        clip_lr: float = 0.0  # 0 = lr (AutoRound's min-max step)
+        keep_best: bool = False  # end at the step with the lowest batch loss (AutoRound's best-iteration rule)
+        margin: float = 0.15  # GPTQ init: how far inside its code's interval each weight starts (0 < m <= 0.5)
+        amp: bool = True  # learning steps' matmuls in bfloat16 autocast (AutoRound's default); losses kept fp32
         seed: int = 0
         # GPTQ initialisation (see ptq.passes.gptq)
         act_order: bool = True
@@ -139,8 +151,10 @@ class LearnedRoundingPass(Pass):
                 raise ValueError(f"init must be rtn or gptq, got {self.init!r}")
             if self.target not in ("fp", "chain"):
                 raise ValueError(f"target must be fp or chain, got {self.target!r}")
-            if self.iters < 0 or self.batch < 1 or self.lr < 0:
-                raise ValueError("iters >= 0, batch >= 1 and lr >= 0 are required")
+            if not 0 < self.margin <= 0.5:
+                raise ValueError(f"margin must be in (0, 0.5], got {self.margin}")
+            if self.iters < 0 or self.batch < 1 or self.lr < 0 or self.clip_lr < 0:
+                raise ValueError("iters >= 0, batch >= 1, lr >= 0 and clip_lr >= 0 are required")
 
     def _init(self, ctx: LayerContext) -> dict:
         """Quantize with the init method; returns {linear: weights the init rounded from} (GPTQ only)."""
@@ -174,14 +188,15 @@ class LearnedRoundingPass(Pass):
         return [y.float() for y in outs]
 
     @torch.no_grad()
-    def _loss(self, ctx: LayerContext, targets: list[torch.Tensor],
+    def _loss(self, ctx: LayerContext, targets: list[torch.Tensor], stacker: "_Stacker",
               weights: dict | None = None) -> tuple[float, list[torch.Tensor]]:
         """Mean squared layer-output error over all calibration batches, and the outputs ``[b, L, H]``."""
         tot, outs = 0.0, []
-        for b, y in zip(ctx.batches, targets):
-            out = layer_forward(ctx.layer, b) if weights is None else _forward(ctx.layer, weights, b)
-            tot += float((out.float() - y).pow(2).mean())
-            outs.append(out)
+        for idx in stacker.chunks():
+            out = stacker.forward(ctx.layer, idx, weights)
+            y = stacker.cat(targets, idx)
+            tot += float((out.float() - y).pow(2).mean()) * len(idx)
+            outs.extend(stacker.split(out, idx))
         return tot / max(1, len(targets)), outs
 
     def apply(self, ctx: LayerContext) -> None:
@@ -193,28 +208,42 @@ class LearnedRoundingPass(Pass):
         targets = self._targets(ctx)
         start = self._init(ctx)  # sets ctx.qweights and the layer's weights to the init's dequantized values
         init_q = {n: ctx.qweights[ctx.prefix + n] for n in names}
-        loss0, out0 = self._loss(ctx, targets)
-        learners = {n: LearnedLinear(fp[n], init_q[n], o.learn_clip, start.get(n)) for n in names}
+        stacker = _Stacker(ctx.layer, ctx.batches, o.batch)
+        loss0, out0 = self._loss(ctx, targets, stacker)
+        learners = {n: LearnedLinear(fp[n], init_q[n], o.learn_clip, start.get(n), o.margin) for n in names}
         for p in ctx.layer.parameters():
             p.requires_grad_(False)
         lr0 = o.lr or 1.0 / max(1, o.iters)
-        clip_lr0 = o.clip_lr or lr0 / 10
+        clip_lr0 = o.clip_lr or lr0
         g = torch.Generator().manual_seed(o.seed + ctx.index)
+        dev = ctx.batches[0].hidden.device.type
+        order: list[int] = []
+        best, best_loss = None, float("inf")
         with torch.enable_grad():
             for it in range(o.iters):
-                idx = torch.randperm(len(ctx.batches), generator=g)[:o.batch].tolist()
-                for i in idx:
-                    ws = {f"{n}.weight": lr_.weight() for n, lr_ in learners.items()}
-                    out = _forward(ctx.layer, ws, ctx.batches[i])
-                    loss = (out.float() - targets[i]).pow(2).mean() / len(idx)
-                    loss.backward()
+                if len(order) < o.batch:  # shuffled passes over the calibration set, as AutoRound's sampler
+                    order = torch.randperm(len(ctx.batches), generator=g).tolist()
+                idx, order = order[:o.batch], order[o.batch:]
+                ws = {f"{n}.weight": lr_.weight() for n, lr_ in learners.items()}
+                step_loss, parts = 0.0, stacker.group(idx)
+                for j, part in enumerate(parts):
+                    with torch.autocast(dev, dtype=torch.bfloat16, enabled=o.amp):
+                        out = stacker.forward(ctx.layer, part, ws)
+                    loss = (out.float() - stacker.cat(targets, part)).pow(2).mean() * (len(part) / len(idx))
+                    loss.backward(retain_graph=j < len(parts) - 1)  # the fake-quant graph is shared by the parts
+                    step_loss += float(loss.detach())
+                if o.keep_best and step_loss < best_loss:  # the loss of the parameters before this step
+                    best, best_loss = {n: lr_.snapshot() for n, lr_ in learners.items()}, step_loss
                 decay = 1 - it / max(1, o.iters)
                 for lr_ in learners.values():
                     lr_.step(lr0 * decay, clip_lr0 * decay)
         with torch.no_grad():
+            if best is not None:
+                for n, lr_ in learners.items():
+                    lr_.restore(best[n])
             final = {n: lr_.export() for n, lr_ in learners.items()}
             wq = {f"{n}.weight": final[n].dequantize().to(fp[n].dtype) for n in names}
-            loss1, out1 = self._loss(ctx, targets, wq)
+            loss1, out1 = self._loss(ctx, targets, stacker, wq)
         keep = loss1 < loss0
         chosen = final if keep else init_q
         for n in names:
@@ -226,8 +255,64 @@ class LearnedRoundingPass(Pass):
         ctx.stats["lr_loss_init"] = loss0
         ctx.stats["lr_loss_final"] = loss1
         ctx.stats["lr_kept"] = bool(keep)
+        ctx.stats["lr_stacked"] = stacker.stacked
 
 
 def _forward(layer, weights: dict, b) -> torch.Tensor:
     out = functional_call(layer, weights, (b.hidden,), b.kwargs, strict=False)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _same(a, b) -> bool:
+    """Equal keyword arguments whose tensors have a leading dimension of 1 (so they broadcast over a stack)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and (a.dim() == 0 or a.shape[0] == 1) and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+class _Stacker:
+    """Runs several calibration batches as one forward (hidden states ``[b1 + b2 + ..., L, H]``) when their
+    keyword arguments (mask, rotary tables) are equal and broadcast over a stack, which is checked once per layer
+    against per-batch forwards; otherwise one batch at a time. Stacking changes speed only, not the loss."""
+
+    def __init__(self, layer, batches: list[Batch], batch: int):
+        self.batches = batches
+        self.stacked = False
+        first = batches[0]
+        if len(batches) > 1 and all(b.hidden.shape == first.hidden.shape and _same(b.kwargs, first.kwargs)
+                                    for b in batches[1:]):
+            idx = list(range(min(len(batches), max(2, batch))))
+            try:
+                with torch.no_grad():
+                    got = self.forward(layer, idx, None, force=True)
+                    ref = torch.cat([layer_forward(layer, batches[i]) for i in idx])
+                scale = float(ref.float().abs().max()) + 1e-6
+                self.stacked = bool(float((got.float() - ref.float()).abs().max()) <= 1e-4 * scale)
+            except (RuntimeError, ValueError):
+                self.stacked = False
+        self.chunk = max(batch, 8) if self.stacked else 1
+
+    def chunks(self) -> list[list[int]]:
+        n = len(self.batches)
+        return [list(range(i, min(n, i + self.chunk))) for i in range(0, n, self.chunk)]
+
+    def group(self, idx: list[int]) -> list[list[int]]:
+        return [idx] if self.stacked else [[i] for i in idx]
+
+    def cat(self, tensors: list[torch.Tensor], idx: list[int]) -> torch.Tensor:
+        return tensors[idx[0]] if len(idx) == 1 else torch.cat([tensors[i] for i in idx])
+
+    def split(self, out: torch.Tensor, idx: list[int]) -> list[torch.Tensor]:
+        return list(out.split([self.batches[i].hidden.shape[0] for i in idx]))
+
+    def forward(self, layer, idx: list[int], weights: dict | None, force: bool = False) -> torch.Tensor:
+        if len(idx) > 1 and not (self.stacked or force):
+            raise ValueError("these batches cannot run as one stack")
+        b0 = self.batches[idx[0]]
+        b = Batch(self.cat([x.hidden for x in self.batches], idx), b0.kwargs, b0.attn)
+        return layer_forward(layer, b) if weights is None else _forward(layer, weights, b)
