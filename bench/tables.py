@@ -114,6 +114,22 @@ def peers_smollm2_w3g64():
     return _peers_table("w3g64")
 
 
+@renderer("lr_layer_probe")
+def lr_layer_probe():
+    """bench/lr_layer_probe.py (docs/learned_rounding.md): one layer's output loss per start and schedule."""
+    by = latest(rows("lr_layer_probe"), "layer", "bits", "group_size", "config")
+    gptq = {k[:3]: r["loss_final"] for k, r in by.items() if k[3] == "gptq"}
+    body = []
+    for (layer, bits, gs, name), r in by.items():
+        ref = gptq.get((layer, bits, gs))
+        sched = "" if r["iters"] == 0 else f"{r['iters']} x {r['batch']}, lr {r['lr']:g}"
+        body.append([f"{name}", f"layer {layer}, W{bits} g{gs}", r["init"].upper(), sched or "none",
+                     f"{r['loss_init']:.4f}", f"{r['loss_final']:.4f}",
+                     f"{r['loss_final'] / ref:.3f}" if ref else "", f"{r['cpu_s']:.0f}"])
+    return ["config", "layer", "start", "steps x sequences", "loss at start", "loss learned",
+            "vs GPTQ", "CPU s (this layer)"], body
+
+
 @renderer("eval_vs_transformers")
 def eval_vs_transformers():
     """bench/eval_vs_transformers.py: `ptq eval`'s streamed perplexity vs transformers' own forward (fp32)."""
