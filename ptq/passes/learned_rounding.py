@@ -6,7 +6,7 @@ by ``g_idx``), the quantized weight is (sign-gradient rounding offsets, as in Au
     W_hat = s * (clamp(round(W / s + v) + z, 0, 2^b - 1) - z),     v [N, K] in [v0 - 1/2, v0 + 1/2]
 
 and the clipping range of each group is learned as multipliers ``m_hi, m_lo [N, G]`` in ``[0.5, 1.5]`` of the
-initial grid's end points ``x_hi = (2^b - 1 - z0) s0`` and ``x_lo = -z0 s0``:
+start grid's end points ``x_hi = (2^b - 1 - z0) s0`` and ``x_lo = -z0 s0``:
 ``s = (m_hi x_hi - m_lo x_lo) / (2^b - 1)``, ``z = round(-m_lo x_lo / s)`` (symmetric grids: ``s = m_hi s0``).
 ``round`` has a straight-through gradient. The loss is the layer's output error
 
@@ -21,10 +21,12 @@ layer to layer (one more ``[n, L, H]`` tensor in memory; after a resume it resta
 whole block. ``v`` and ``m`` take signed-gradient steps with a learning rate decaying linearly from ``lr`` to 0
 (AutoRound's optimiser).
 
-Initialisation: RTN or GPTQ codes (``init``). ``v0`` is the smallest offset that makes the rounding reproduce the
-initial code, so weights GPTQ moved sit just inside their new code's interval and can move back. At the end the
-full calibration loss of the learned weights is compared with the initialisation's, and the better one is kept:
-the pass never ends above its initialisation's layer error on the calibration inputs.
+Initialisation: RTN (default, ``v0 = 0``) or GPTQ codes (``init``). From GPTQ, ``v0`` places each weight at
+GPTQ's error-updated value, clamped to ``margin`` inside the interval of the code GPTQ chose, so step 0
+reproduces GPTQ's codes. Each step runs ``batch`` calibration sequences as one stacked forward under bfloat16
+autocast (``amp``); the losses that decide what is kept are fp32. At the end the full calibration loss of the
+learned weights is compared with the initialisation's, and the better one is kept: the pass never ends above its
+initialisation's layer error on the calibration inputs.
 The result is an ordinary `QuantizedWeight` (same grid kinds as RTN/GPTQ), so every exporter takes it unchanged.
 """
 from __future__ import annotations
@@ -132,9 +134,9 @@ class LearnedRoundingPass(Pass):
     class Options:
         init: str = "rtn"  # rtn | gptq: the codes learning starts from
         target: str = "fp"  # fp: fp layer on the fp model's inputs (AutoRound's); chain: on this layer's inputs
-        iters: int = 40  # signed-gradient steps per decoder layer (AutoRound: 200 steps of 8 sequences)
-        lr: float = 0.01  # rounding-offset step (0 = 1 / iters, AutoRound's default); decays linearly to 0
-        batch: int = 4  # calibration sequences per step, run as one stacked forward
+        iters: int = 64  # signed-gradient steps per decoder layer (AutoRound: 200 steps of 8 sequences)
+        lr: float = 0.02  # rounding-offset step (0 = 1 / iters, AutoRound's default); decays linearly to 0
+        batch: int = 2  # calibration sequences per step, run as one stacked forward
         learn_clip: bool = True  # learn per-group clip multipliers as well as the rounding
         clip_lr: float = 0.0  # 0 = lr (AutoRound's min-max step)
         keep_best: bool = False  # end at the step with the lowest batch loss (AutoRound's best-iteration rule)
