@@ -5,7 +5,7 @@ ONNX models themselves (first ``--windows`` 512-token windows, no BOS, the expor
 
     ptq compress smollm2-135m --recipe gptq --bits 4 --group-size 32 --sym --format gptq --out OUT
     python bench/onnx_speed.py --compressed OUT [--compressed OUT2 ...] --peer-python PEER_VENV/bin/python \
-        --embed-bits 4 --embed-method gptq --embed-sym [--builder-extra int4_block_size=128] [--build-only]
+        --embed-bits 4 --embed-method gptq --embed-sym [--builder-extra block_size=64] [--build-only]
 
 Several ``--compressed`` folders are exported and timed in the same run (variants ``ptq int4 (<folder name>)``).
 ``--build-only`` builds the ONNX folders and their perplexities (cached in the work folder, ``ppl_<windows>x<seqlen>
@@ -226,7 +226,7 @@ def main():
                     "int4 source; repeat for several in one run)")
     ap.add_argument("--peer-python", help="interpreter with onnxruntime-genai (builder + genai rows)")
     ap.add_argument("--builder-extra", action="append", default=[],
-                    help="extra builder configuration(s), e.g. int4_block_size=128 (default build always runs)")
+                    help="extra builder configuration(s), e.g. block_size=64 (onnxruntime-genai 0.18; the default build always runs)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ptq_onnx_speed"))
     ap.add_argument("--embed-bits", type=int, default=4)
     ap.add_argument("--embed-method", default="rtn", help="quantizer of the ptq embedding / lm_head (ptq.head_quant)")
