@@ -515,7 +515,8 @@ def _onnx_speed_body(quiet: bool) -> list[list[str]]:
         cmd = r.get("command", "").split()
         emb = cmd[cmd.index("--embed-bits") + 1] if "--embed-bits" in cmd else "4"
         meth = cmd[cmd.index("--embed-method") + 1] if "--embed-method" in cmd else "rtn"
-        meth += " sym" if "--embed-sym" in cmd else ""
+        sym = cmd[cmd.index("--embed-sym") + 1] if "--embed-sym" in cmd else "no"
+        meth += {"no": "", "yes": " sym", "auto": " (sym as the body)"}.get(sym, " sym")
         src = " + ".join(cmd[i + 1] for i, x in enumerate(cmd) if x == "--compressed") or "?"
         rounds = f", {r['rounds']} rounds x {r['reps']} reps" if r.get("rounds", 1) > 1 else ""
         body.append([f"{src}, --embed-bits {emb} {meth}{rounds}", r["variant"], r["runtime"],
