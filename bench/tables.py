@@ -393,13 +393,14 @@ def ds_attention_speed():
 @renderer("ds_generate_speed")
 def ds_generate_speed():
     """bench/ds_generate_speed.py (docs/double_sparsity.md): model.generate decode tokens/s (CPU time) after a long
-    prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (one top-k per KV head, and per
-    query head when measured); teacher-forced top-1 agreement with dense."""
+    prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (the row's selection, and a top-k
+    per query head on KV-head labels when measured); teacher-forced top-1 agreement with dense."""
     body = []
-    for r in latest(rows("ds_generate_speed"), "prompt_tokens", "heavy_tokens", "r", "label_bits").values():
+    keys = ("prompt_tokens", "heavy_tokens", "r", "label_bits", "selection")
+    for r in latest(rows("ds_generate_speed"), *keys).values():
         t = r["tokens_per_s_cpu"]
         tf = r.get("teacher_forced", {})
-        for name, sel in (("double sparsity", "kv"), ("double sparsity (head)", "head")):
+        for name, sel in (("double sparsity", r.get("selection", "kv")), ("double sparsity (head)", "head")):
             if name not in t:
                 continue
             agree = tf.get(name, {}).get("top1_agreement")
@@ -407,7 +408,7 @@ def ds_generate_speed():
                          f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t[name]:.2f}",
                          f"{t[name] / t['dense (DynamicCache)']:.2f}x", f"{t[name] / t['dense (DSCache)']:.2f}x",
                          "" if agree is None else f"{agree:.2f}"])
-    return ["prompt tokens", "k", "r", "label bits", "top-k per", "dense tok/s (transformers DynamicCache)",
+    return ["prompt tokens", "k", "r", "label bits", "selection", "dense tok/s (transformers DynamicCache)",
             "dense tok/s (DSCache buffers)", "DS tok/s", "DS vs dense", "DS vs dense buffers",
             "top-1 agreement (teacher-forced)"], body
 
@@ -447,10 +448,15 @@ def ds_smollm2_ppl():
 
 @renderer("ds_smollm2_retrieval")
 def ds_smollm2_retrieval():
-    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval, the latest run."""
-    body = [[str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
-            for r in _latest_run(rows("ds_smollm2_retrieval"), "length", "config")]
-    return ["prompt tokens", "config", "keys retrieved"], body
+    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval; per token
+    selection, the latest run with that selection."""
+    rs = rows("ds_smollm2_retrieval")
+    body = []
+    for sel in ("kv", "head", "query-labels"):
+        mine = [r for r in rs if r.get("selection", "kv") == sel]
+        body += [[sel, str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
+                 for r in (_latest_run(mine, "length", "config") if mine else [])]
+    return ["selection", "prompt tokens", "config", "keys retrieved"], body
 
 
 def _cskv_rows() -> tuple[dict, list[dict]]:
