@@ -4,7 +4,7 @@ heads, 3 KV heads, head_dim 64), 4k-32k cached tokens, k = S/16 tokens, r = d/8 
 dense:  F.scaled_dot_product_attention(q [1,H,1,d], K/V [1,Hkv,S,d], enable_gqa=True) (what transformers' sdpa
         path runs in decode) and the same as two batched matmuls per KV head; the faster one is the reference.
 DS:     `ptq.sparse.ds_runtime.sparse_decode` on a filled `DSLayer`: label scores as one matmul over the label
-        cache (fp16, or 4-bit codes), a batched top-k (numpy introselect), rows of K/V read by KV-head index.
+        cache (fp32, fp16, or 4-bit codes), a batched top-k (numpy introselect), rows of K/V read by KV-head index.
         ``query-labels`` (the run-time default): a label cache [H, r, S] with each query head's own channels
         (random here: the worst case for the bytes, no channel shared within a group) and a top-k per query
         head; ``kv``: a label cache [Hkv, r, S] and one top-k per KV head shared by its query heads; ``head``:
@@ -62,7 +62,7 @@ def main():
     H, Hkv, d = 9, 3, 64
     G, scale, r = H // Hkv, d**-0.5, d // args.rdiv
     gen = torch.Generator().manual_seed(0)
-    ds_names = ("DS query-labels fp16", "DS query-labels 4-bit", "DS kv fp16", "DS kv 4-bit", "DS head fp16")
+    ds_names = ("DS query-labels fp32", "DS query-labels fp16", "DS query-labels 4-bit", "DS kv fp16", "DS kv 4-bit", "DS head fp16")
     print("| S | k | r | dense sdpa ms | dense bmm ms | " + " | ".join(f"{n} ms" for n in ds_names) + " | "
           + " | ".join(f"speedup {n[3:]}" for n in ds_names) + " |")
     print("|---" * (5 + 2 * len(ds_names)) + "|")
@@ -72,7 +72,7 @@ def main():
         q = torch.randn(1, H, 1, d, generator=gen)
         ch = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(H)])  # per query head
         layers = {}
-        for rows, bits in ((Hkv, 16), (Hkv, 4), (H, 16), (H, 4)):
+        for rows, bits in ((Hkv, 16), (Hkv, 4), (H, 32), (H, 16), (H, 4)):
             lay = DSLayer(ch[:rows].clone(), bits)
             for s in range(0, S, 4096):  # filled in prefill-sized chunks
                 lay.update(K[:, :, s:s + 4096], V[:, :, s:s + 4096])
@@ -81,6 +81,7 @@ def main():
         variants = {
             "dense sdpa": lambda: F.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True),
             "dense bmm": lambda: dense_bmm(qg, Kc, Vc, scale),
+            "DS query-labels fp32": lambda: sparse_decode(q, layers[H, 32], kk, scale, 32, "query-labels"),
             "DS query-labels fp16": lambda: sparse_decode(q, layers[H, 16], kk, scale, 16, "query-labels"),
             "DS query-labels 4-bit": lambda: sparse_decode(q, layers[H, 4], kk, scale, 4, "query-labels"),
             "DS kv fp16": lambda: sparse_decode(q, layers[Hkv, 16], kk, scale, 16, "kv"),

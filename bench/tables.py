@@ -378,16 +378,18 @@ def gate_smollm2():
 @renderer("ds_attention_speed")
 def ds_attention_speed():
     """bench/ds_attention_speed.py (docs/double_sparsity.md): one decode step of attention, ms and speedup vs the
-    faster dense variant, per cached length S."""
+    faster dense variant, per cached length S; one column per Double Sparsity variant of the latest rows."""
     by = latest(rows("ds_attention_speed"), "S", "k", "r")
+    names = [n for n in by[max(by)]["speedup"]] if by else []
     body = []
     for (S, k, r), x in sorted(by.items()):
         ms, sp = x["ms"], x["speedup"]
-        body.append([str(S), str(k), str(r), f"{ms['dense sdpa']:.3f}", f"{ms['dense bmm']:.3f}",
-                     f"{ms['DS kv fp16']:.3f}", f"{ms['DS kv 4-bit']:.3f}", f"{ms['DS head fp16']:.3f}",
-                     f"{sp['DS kv fp16']:.2f}x", f"{sp['DS kv 4-bit']:.2f}x", f"{sp['DS head fp16']:.2f}x"])
-    return ["cached tokens S", "k", "r", "dense sdpa ms", "dense bmm ms", "DS fp16 labels ms", "DS 4-bit labels ms",
-            "DS per-query-head top-k ms", "speedup fp16 labels", "4-bit labels", "per query head"], body
+        body.append([str(S), str(k), str(r), f"{ms['dense sdpa']:.3f}", f"{ms['dense bmm']:.3f}"]
+                    + [f"{ms[n]:.3f}" if n in ms else "" for n in names]
+                    + [f"{sp[n]:.2f}x" if n in sp else "" for n in names])
+    short = [n.removeprefix("DS ") for n in names]
+    return (["cached tokens S", "k", "r", "dense sdpa ms", "dense bmm ms"] + [f"{n} ms" for n in short]
+            + [f"speedup {n}" for n in short], body)
 
 
 @renderer("ds_generate_speed")

@@ -29,7 +29,7 @@ class DoubleSparsityPass(Pass):
     class Options:
         heavy_tokens: int = 256  # k, tokens kept per query/head at run time
         heavy_channels: int = 0  # r label channels; 0 = head_dim // 4
-        label_bits: int = 4  # label cache bits (16 = fp)
+        label_bits: int = 4  # label cache bits (16 = fp16, 32 = fp32)
         dense_layers: int = 2
         sparse_threshold: int = 1024  # sparse attention only when the key length exceeds this
         channel_type: str = "qk"  # qk (per query head, the reference) | qk_kv (one set per KV head) | q | k
@@ -40,8 +40,8 @@ class DoubleSparsityPass(Pass):
                 raise ValueError(f"channel_type must be one of {', '.join(CHANNEL_TYPES)}")
             if self.selection not in SELECTIONS:
                 raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}")
-            if self.heavy_tokens < 1 or self.heavy_channels < 0 or not 1 <= self.label_bits <= 16:
-                raise ValueError("need heavy_tokens >= 1, heavy_channels >= 0, label_bits in 1..16")
+            if self.heavy_tokens < 1 or self.heavy_channels < 0 or not (1 <= self.label_bits <= 16 or self.label_bits == 32):
+                raise ValueError("need heavy_tokens >= 1, heavy_channels >= 0, label_bits in 1..16 or 32")
 
     def setup(self, sm) -> None:
         self.labels: dict[int, dict[str, torch.Tensor]] = {}

@@ -42,7 +42,7 @@ SELECTIONS = ("kv", "head", "query-labels")
 class DSConfig:
     heavy_tokens: int = 256  # k: tokens kept per query and head
     heavy_channels: int = 16  # r: label channels (0 -> head_dim // 4)
-    label_bits: int = 16  # 16 = fp labels; 4 = the paper's 4-bit label cache
+    label_bits: int = 16  # 32 = fp32 label cache, 16 = fp16; 4 = the paper's 4-bit label cache
     dense_layers: int = 2  # layers [0, dense_layers) stay dense
     sparse_threshold: int = 0  # sparse only when the key length Lk > threshold
     channel_type: str = "qk"
@@ -175,7 +175,10 @@ def double_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         ch = kv_label_channels(labels, key.shape[1], r).to(query.device).repeat_interleave(groups, 0)
     q_lab = fake_quant(gather_channels(query, ch).float(), cfg.label_bits)
     k_lab = gather_channels(kr, ch).float()
-    k_lab = k_lab.half().float() if cfg.label_bits >= 16 else fake_quant(k_lab, cfg.label_bits)  # as cached
+    if cfg.label_bits == 16:  # as cached: fp16, 2..8-bit codes, or fp32 as is
+        k_lab = k_lab.half().float()
+    elif cfg.label_bits < 16:
+        k_lab = fake_quant(k_lab, cfg.label_bits)
     allowed, bias = _allowed_and_bias(attention_mask, b, Lq, Lk, query.device, query.dtype)
     neg = torch.finfo(query.dtype).min
     sm_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # softmax in >= fp32

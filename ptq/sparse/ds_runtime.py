@@ -7,7 +7,8 @@ Per decoder layer `DSLayer` holds, for ``S`` cached tokens (capacity doubles, so
 * the **label cache** ``[b, R, r, cap]`` with ``R`` label rows: one per query head (``R = H``, channels
   ``C_h``, the reference's layout) or one per KV head (``R = Hkv``, channels ``C_g``). Row ``j`` holds the r
   label channels of each cached key of KV head ``j // (R / Hkv)``, channels-major so that scoring is one
-  contiguous matmul; fp16 (``label_bits=16``) or 4-bit codes packed two per byte (``[b, R, r/2, cap]``) with a
+  contiguous matmul; fp32 (``label_bits=32``: scored as stored, no conversion per step), fp16
+  (``label_bits=16``) or 4-bit codes packed two per byte (``[b, R, r/2, cap]``) with a
   per-token fp16 step and minimum (``label_bits=4``; ``x ~ code * step + min``, the reference's per-vector
   min/max quantizer).
 
@@ -84,8 +85,8 @@ class DSLayer(CacheLayerMixin):
 
     def __init__(self, channels: torch.Tensor | None, label_bits: int = 16):
         super().__init__()
-        if label_bits != 16 and not 2 <= label_bits <= 8:
-            raise ValueError(f"label_bits must be 16 or 2..8, got {label_bits}")
+        if label_bits not in (16, 32) and not 2 <= label_bits <= 8:
+            raise ValueError(f"label_bits must be 32, 16 or 2..8, got {label_bits}")
         self.channels, self.label_bits = channels, label_bits
         self.n = 0
         self.keys = self.values = None
@@ -127,8 +128,9 @@ class DSLayer(CacheLayerMixin):
                 if R % hkv:
                     raise ValueError(f"{R} label rows cannot map onto {hkv} KV heads")
                 self.channels = self.channels.to(key_states.device)
-                if self.label_bits == 16:
-                    self.lab = key_states.new_empty(b, R, r, 0, dtype=torch.float16)
+                if self.label_bits >= 16:
+                    dt = torch.float16 if self.label_bits == 16 else torch.float32
+                    self.lab = key_states.new_empty(b, R, r, 0, dtype=dt)
                 else:
                     packed = -(-r // 2) if self.label_bits == 4 else r
                     self.lab = key_states.new_empty(b, R, packed, 0, dtype=torch.uint8)
@@ -144,7 +146,7 @@ class DSLayer(CacheLayerMixin):
             R, r = self.channels.shape
             ch = self.channels.view(1, hkv, R // hkv, 1, r).expand(b, hkv, R // hkv, q, r)
             kl = key_states[:, :, None].expand(b, hkv, R // hkv, q, d).gather(-1, ch).view(b, R, q, r)
-            if self.label_bits == 16:
+            if self.label_bits >= 16:
                 self.lab[..., s:e] = kl.transpose(-1, -2)
             else:
                 codes, step, lo = quant_labels(kl, self.label_bits)
@@ -181,7 +183,7 @@ class DSLayer(CacheLayerMixin):
         """``ql [b, R, m, r]`` float query labels -> approximate scores ``[b, R, m, S]`` from the label cache
         alone (one batched matmul; 4-bit: ``step_t * (ql . codes_t) + lo_t * sum(ql)``, no dequantized copy)."""
         S = self.n
-        if self.label_bits == 16:
+        if self.label_bits >= 16:
             return torch.matmul(ql, self.lab[..., :S].float())
         codes = unpack_codes(self.lab[..., :S], self.label_bits, self.channels.shape[1])
         sc = torch.matmul(ql, codes.float())
@@ -190,7 +192,7 @@ class DSLayer(CacheLayerMixin):
     def labels(self) -> torch.Tensor:
         """The label cache as float ``[b, R, S, r]`` (dequantized)."""
         S = self.n
-        if self.label_bits == 16:
+        if self.label_bits >= 16:
             return self.lab[..., :S].float().transpose(-1, -2)
         codes = unpack_codes(self.lab[..., :S], self.label_bits, self.channels.shape[1])
         return (codes.float() * self.lab_step[..., :S].float() + self.lab_lo[..., :S].float()).transpose(-1, -2)
