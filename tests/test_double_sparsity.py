@@ -287,7 +287,8 @@ def test_label_cache_appends_and_scores(bits):
     assert torch.equal(top_k_indices(x, 37).sort(-1).values, x.topk(37, -1).indices.sort(-1).values)
 
 
-@pytest.mark.parametrize("selection,bits", [("query-labels", 16), ("query-labels", 4), ("head", 16), ("kv", 4)])
+@pytest.mark.parametrize("selection,bits", [("query-labels", 16), ("query-labels", 4), ("query-labels", 32), ("head", 16),
+                                            ("kv", 4)])
 def test_sparse_decode_equals_study_decode(selection, bits):
     """One decode step from a filled DSLayer (label cache, batched top-k, one index_select of the key rows,
     embedding_bag over the value rows) equals the study path's decode on the same K/V, channels, selection and
