@@ -215,7 +215,7 @@ def test_compress_writes_labels_and_unchanged_weights(gqa_dir, tmp_path):
     assert rep["format"] == "fp" and "ds_top_r_mass" in rep["layers"][0]
     ours = json.loads((out / "double_sparsity.json").read_text())
     sg = json.loads((out / "ds_channel_config.json").read_text())
-    assert ours["settings"]["channel_type"] == "qk" and ours["settings"]["selection"] == "query-labels"
+    assert ours["settings"]["channel_type"] == "qk_kv" and ours["settings"]["selection"] == "kv"
     assert ours["settings"]["heavy_tokens"] == 256 and ours["calibration_tokens"] == 4 * 32
     assert set(sg) == {f"model.layers.{i}.self_attn.{t}_proj" for i in range(2) for t in ("q", "k", "qk")}
     qk = torch.tensor(sg["model.layers.1.self_attn.qk_proj"])
