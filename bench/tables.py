@@ -514,26 +514,44 @@ def cskv_generate():
 # --- checking and writing ----------------------------------------------------------------------------------------
 
 
-@renderer("onnx_speed")
-def onnx_speed():
-    """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
-    perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes."""
-    head = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (same run)", "prefill ms",
-            "peak RSS MiB", "size MiB", "wikitext-2 ppl"]
-    if not (RESULTS / "onnx_speed.jsonl").exists():
-        return head, []
+def _onnx_speed_body(quiet: bool) -> list[list[str]]:
     body = []
     for r in latest(rows("onnx_speed"), "command", "variant", "runtime").values():
+        if bool(r.get("exclusive_machine")) != quiet:
+            continue
         ratio = r.get("decode_vs_builder_int4_same_runtime")
         cmd = r.get("command", "").split()
         emb = cmd[cmd.index("--embed-bits") + 1] if "--embed-bits" in cmd else "4"
         meth = cmd[cmd.index("--embed-method") + 1] if "--embed-method" in cmd else "rtn"
-        src = cmd[cmd.index("--compressed") + 1] if "--compressed" in cmd else "?"
+        meth += " sym" if "--embed-sym" in cmd else ""
+        src = " + ".join(cmd[i + 1] for i, x in enumerate(cmd) if x == "--compressed") or "?"
         rounds = f", {r['rounds']} rounds x {r['reps']} reps" if r.get("rounds", 1) > 1 else ""
-        body.append([f"{src}, --embed-bits {emb} {meth}{rounds}", r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
-                     f"{r['prefill_ms']:.0f}", str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}",
-                     f"{r['wikitext2_ppl']:.3f}"])
-    return head, body
+        body.append([f"{src}, --embed-bits {emb} {meth}{rounds}", r["variant"], r["runtime"],
+                     f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x", f"{r['prefill_ms']:.0f}",
+                     str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}", f"{r['wikitext2_ppl']:.3f}"])
+    return body
+
+
+ONNX_SPEED_HEAD = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (same run)", "prefill ms",
+                   "peak RSS MiB", "size MiB", "wikitext-2 ppl"]
+
+
+@renderer("onnx_speed")
+def onnx_speed():
+    """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
+    perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes;
+    runs that held the whole machine (``PTQ_HEAVY_EXCLUSIVE``)."""
+    if not (RESULTS / "onnx_speed.jsonl").exists():
+        return ONNX_SPEED_HEAD, []
+    return ONNX_SPEED_HEAD, _onnx_speed_body(quiet=True)
+
+
+@renderer("onnx_speed_shared")
+def onnx_speed_shared():
+    """The same table, earlier runs on the shared (loaded) machine."""
+    if not (RESULTS / "onnx_speed.jsonl").exists():
+        return ONNX_SPEED_HEAD, []
+    return ONNX_SPEED_HEAD, _onnx_speed_body(quiet=False)
 
 
 def render(name: str) -> list[str]:
