@@ -4,8 +4,11 @@ heads, 3 KV heads, head_dim 64), 4k-32k cached tokens, k = S/16 tokens, r = d/8 
 dense:  F.scaled_dot_product_attention(q [1,H,1,d], K/V [1,Hkv,S,d], enable_gqa=True) (what transformers' sdpa
         path runs in decode) and the same as two batched matmuls per KV head; the faster one is the reference.
 DS:     `ptq.sparse.ds_runtime.sparse_decode` on a filled `DSLayer`: label scores as one matmul over the label
-        cache [Hkv, S, r] (fp16, or 4-bit codes), torch.topk, index_select of the k rows of K/V by KV-head
-        index, softmax attention on [Hkv, G, k, d]; selection per KV head (default) or per query head.
+        cache (fp32, fp16, or 4-bit codes), a batched top-k (numpy introselect), rows of K/V read by KV-head index.
+        ``query-labels`` (the run-time default): a label cache [H, r, S] with each query head's own channels
+        (random here: the worst case for the bytes, no channel shared within a group) and a top-k per query
+        head; ``kv``: a label cache [Hkv, r, S] and one top-k per KV head shared by its query heads; ``head``:
+        the KV-head label cache with a top-k per query head.
 
 Timings: thread CPU time (unaffected by waiting for a core on a loaded machine), ``--reps`` interleaved
 repetitions (all variants inside each repetition), each the mean of ``--inner`` calls; median over repetitions;
@@ -59,27 +62,31 @@ def main():
     H, Hkv, d = 9, 3, 64
     G, scale, r = H // Hkv, d**-0.5, d // args.rdiv
     gen = torch.Generator().manual_seed(0)
-    print("| S | k | r | dense sdpa ms | dense bmm ms | DS kv fp16 ms | DS kv 4-bit ms | DS head fp16 ms | "
-          "speedup kv fp16 | kv 4-bit | head fp16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ds_names = ("DS query-labels fp32", "DS query-labels fp16", "DS query-labels 4-bit", "DS kv fp16", "DS kv 4-bit", "DS head fp16")
+    print("| S | k | r | dense sdpa ms | dense bmm ms | " + " | ".join(f"{n} ms" for n in ds_names) + " | "
+          + " | ".join(f"speedup {n[3:]}" for n in ds_names) + " |")
+    print("|---" * (5 + 2 * len(ds_names)) + "|")
     for S in [int(x) for x in args.lengths.split(",")]:
         kk = S // args.frac
         K, V = torch.randn(1, Hkv, S, d, generator=gen), torch.randn(1, Hkv, S, d, generator=gen)
         q = torch.randn(1, H, 1, d, generator=gen)
-        ch = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(Hkv)])
+        ch = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(H)])  # per query head
         layers = {}
-        for bits in (16, 4):
-            lay = DSLayer(ch.clone(), bits)
+        for rows, bits in ((Hkv, 16), (Hkv, 4), (H, 32), (H, 16), (H, 4)):
+            lay = DSLayer(ch[:rows].clone(), bits)
             for s in range(0, S, 4096):  # filled in prefill-sized chunks
                 lay.update(K[:, :, s:s + 4096], V[:, :, s:s + 4096])
-            layers[bits] = lay
+            layers[rows, bits] = lay
         Kc, Vc, qg = K[0].contiguous(), V[0].contiguous(), q.view(Hkv, G, d)
         variants = {
             "dense sdpa": lambda: F.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True),
             "dense bmm": lambda: dense_bmm(qg, Kc, Vc, scale),
-            "DS kv fp16": lambda: sparse_decode(q, layers[16], kk, scale, 16, "kv"),
-            "DS kv 4-bit": lambda: sparse_decode(q, layers[4], kk, scale, 4, "kv"),
-            "DS head fp16": lambda: sparse_decode(q, layers[16], kk, scale, 16, "head"),
+            "DS query-labels fp32": lambda: sparse_decode(q, layers[H, 32], kk, scale, 32, "query-labels"),
+            "DS query-labels fp16": lambda: sparse_decode(q, layers[H, 16], kk, scale, 16, "query-labels"),
+            "DS query-labels 4-bit": lambda: sparse_decode(q, layers[H, 4], kk, scale, 4, "query-labels"),
+            "DS kv fp16": lambda: sparse_decode(q, layers[Hkv, 16], kk, scale, 16, "kv"),
+            "DS kv 4-bit": lambda: sparse_decode(q, layers[Hkv, 4], kk, scale, 4, "kv"),
+            "DS head fp16": lambda: sparse_decode(q, layers[Hkv, 16], kk, scale, 16, "head"),
         }
         times = {n: [] for n in variants}
         for f in variants.values():
@@ -89,10 +96,10 @@ def main():
                 times[n].append(timed(f, args.inner))
         ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
         dense = min(ms["dense sdpa"], ms["dense bmm"])
-        sp = {n: dense / ms[n] for n in ("DS kv fp16", "DS kv 4-bit", "DS head fp16")}
-        print(f"| {S} | {kk} | {r} | {ms['dense sdpa']:.3f} | {ms['dense bmm']:.3f} | {ms['DS kv fp16']:.3f} | "
-              f"{ms['DS kv 4-bit']:.3f} | {ms['DS head fp16']:.3f} | {sp['DS kv fp16']:.2f} | "
-              f"{sp['DS kv 4-bit']:.2f} | {sp['DS head fp16']:.2f} |", flush=True)
+        sp = {n: dense / ms[n] for n in ds_names}
+        print(f"| {S} | {kk} | {r} | {ms['dense sdpa']:.3f} | {ms['dense bmm']:.3f} | "
+              + " | ".join(f"{ms[n]:.3f}" for n in ds_names) + " | "
+              + " | ".join(f"{sp[n]:.2f}" for n in ds_names) + " |", flush=True)
         if not args.no_log:
             append(TABLE, {"S": S, "k": kk, "r": r, "heads": H, "kv_heads": Hkv, "head_dim": d,
                            "ms": {n: round(v, 4) for n, v in ms.items()}, "dense_ms": round(dense, 4),

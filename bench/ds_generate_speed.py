@@ -6,9 +6,11 @@ each run), ``--reps`` rounds with the variants interleaved:
 
 * ``dense (DynamicCache)``: plain transformers generate, sdpa attention, a DynamicCache built from the same K/V;
 * ``dense (DSCache)``: the DSCache with every layer dense (same buffers, no label scoring);
-* ``double sparsity (head)`` with ``--head``: the same with one top-k per query head (``selection="head"``);
-* ``double sparsity``: label-cache sparse decode, k = prompt/``--frac`` tokens, r = d/``--rdiv``, first
-  ``--dense-layers`` layers dense.
+* ``double sparsity (head)`` with ``--head``: the same with one top-k per query head (``selection="head"``,
+  KV-head labels; only with ``--selection kv``, which builds a KV-head label cache);
+* ``double sparsity``: label-cache sparse decode with ``--selection`` (default ``query-labels``: per-query-head
+  label channels ``qk`` and a top-k per query head; ``kv``: per-KV-head labels ``qk_kv``, one top-k per KV head),
+  k = prompt/``--frac`` tokens, r = d/``--rdiv``, first ``--dense-layers`` layers dense.
 
 Tokens/s counts decode steps only (the first forward of generate processes the last prompt token), timed with
 process CPU time (single thread: the work, not the wait for a core on a loaded machine) and wall time.
@@ -71,7 +73,8 @@ def main():
     ap.add_argument("--rdiv", type=int, default=8)
     ap.add_argument("--dense-layers", type=int, default=2)
     ap.add_argument("--label-bits", type=int, default=16)
-    ap.add_argument("--head", action="store_true", help="also time selection='head' (a top-k per query head)")
+    ap.add_argument("--selection", default="query-labels", choices=["query-labels", "head", "kv"])
+    ap.add_argument("--head", action="store_true", help="with --selection kv: also time selection='head'")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -79,15 +82,19 @@ def main():
     ids = tokenize(read_text(DATA / "wikitext2_test.raw.txt"), tok)
     plen = min(args.prompt, 8192 - args.new - 1)
     prompt = ids[:plen][None]
+    if args.head and args.selection != "kv":
+        raise SystemExit("--head needs --selection kv (a KV-head label cache)")
+    ctype = "qk" if args.selection == "query-labels" else "qk_kv"
     model = load_double_sparsity(args.model, heavy_tokens=plen // args.frac, label_bits=args.label_bits,
-                                 dense_layers=args.dense_layers, sparse_threshold=0)
+                                 dense_layers=args.dense_layers, sparse_threshold=0, selection=args.selection,
+                                 channel_type=ctype)
     cfg = model.ds_cfg
     d = model.config.hidden_size // model.config.num_attention_heads
     cfg.heavy_channels = d // args.rdiv
     from ptq.sparse import install, load_labels
 
     labels, _ = load_labels(args.model, cfg.channel_type)
-    install(model, labels, cfg)  # rebuild the per-KV-head channels with r = d / rdiv
+    install(model, labels, cfg)  # rebuild the label-cache channels with r = d / rdiv
     key = "cache" if "cache" in type(model).forward.__code__.co_varnames else "past_key_values"
     cache = make_cache(model)
     with torch.no_grad():
@@ -110,7 +117,7 @@ def main():
     for rep in range(args.reps):
         for name in variants:
             cfg.dense_layers = 10**6 if name.startswith("dense") else dense_layers
-            cfg.selection = "head" if name.endswith("(head)") else "kv"
+            cfg.selection = "head" if name.endswith("(head)") else args.selection
             c = dyn() if name == "dense (DynamicCache)" else cache
             with torch.no_grad():
                 out, tps_cpu, tps_wall = run(model, prompt, c, args.new, key)
@@ -125,13 +132,13 @@ def main():
     forced = {}
     for name in [n for n in variants if n != "dense (DynamicCache)"]:  # teacher forcing on the dense greedy tokens
         cfg.dense_layers = 10**6 if name.startswith("dense") else dense_layers
-        cfg.selection = "head" if name.endswith("(head)") else "kv"
+        cfg.selection = "head" if name.endswith("(head)") else args.selection
         seq = torch.cat([prompt[0], ref])[None]
         with torch.no_grad():
             forced[name] = torch.cat([model(input_ids=seq[:, t:t + 1], use_cache=True, **{key: cache}).logits[0]
                                       for t in range(P, seq.shape[1] - 1)]).float().log_softmax(-1)
         cache.crop(P)
-    cfg.selection = "kv"
+    cfg.selection = args.selection
     lp_d = forced["dense (DSCache)"]
     tf = {n: {"top1_agreement": float((lp_d.argmax(-1) == lp_s.argmax(-1)).float().mean()),
               "dense_top1_in_ds_top5": float((lp_s.topk(5, -1).indices == lp_d.argmax(-1, keepdim=True)).any(-1)

@@ -5,9 +5,10 @@ Perplexity: ``--windows`` non-overlapping 2048-token wikitext-2 test windows (no
 Configs: dense; token sparsity k/2048 in {1/4, 1/8, 1/16} x r in {d/4, d/8} x {calibrated, random} labels
 (fp labels), plus calibrated 4-bit labels at r = d/4. First two layers dense, sparse prefill (the reference's
 perplexity protocol) through the accuracy-study path: each query keeps its own top-k, as token-by-token decoding
-with the run time's DSCache would (tests/test_double_sparsity.py checks the equality). ``--selection kv`` (run-time
-default: KV-head labels, one top-k per KV head) or ``query-labels`` (per-query-head labels and top-k, the
-reference's and this file's earlier tables; use ``--channel-type qk``).
+with the run time's DSCache would (tests/test_double_sparsity.py checks the equality). ``--selection kv`` (this
+script's default: KV-head labels, one top-k per KV head), ``head`` (KV-head labels, a top-k per query head) or
+``query-labels`` (per-query-head labels and top-k: the reference's layout and the run time's default; use
+``--channel-type qk``).
 
 Retrieval: ``--keys`` lines "The pass key for NAME is NNNNN." planted at random depths of Jane Austen filler;
 the prompt ends with "... The pass key for NAME is" and 8 tokens are decoded greedily; a hit when the number

@@ -3,8 +3,13 @@ our codes) in our decode loop on plain onnxruntime and in onnxruntime-genai, and
 builder's int4 model (``-p int4 -e cpu``, from the fp32 model) in both runtimes; plus wikitext-2 perplexity of the
 ONNX models themselves (first ``--windows`` 512-token windows, no BOS, the exported accuracy level).
 
-    ptq compress smollm2-135m --recipe gptq --bits 4 --group-size 128 --format gptq --out OUT
-    python bench/onnx_speed.py --compressed OUT --peer-python PEER_VENV/bin/python [--builder-extra int4_block_size=128]
+    ptq compress smollm2-135m --recipe gptq --bits 4 --group-size 32 --sym --format gptq --out OUT
+    python bench/onnx_speed.py --compressed OUT [--compressed OUT2 ...] --peer-python PEER_VENV/bin/python \
+        --embed-bits 4 --embed-method gptq [--embed-sym auto] [--builder-extra block_size=64] [--build-only]
+
+Several ``--compressed`` folders are exported and timed in the same run (variants ``ptq int4 (<folder name>)``).
+``--build-only`` builds the ONNX folders and their perplexities (cached in the work folder, ``ppl_<windows>x<seqlen>
+.json``) without timing, so the timed run (on a quiet machine) does no building.
 
 PEER_VENV: onnxruntime-genai (+ torch, transformers, onnx_ir for its builder). Each timed variant runs in its own
 child process (peak RSS = that process): one warm-up generation, then ``--reps`` generations of ``--new`` greedy
@@ -124,6 +129,23 @@ def set_threads(d: Path, threads: int) -> None:
     p.write_text(json.dumps(cfg, indent=2))
 
 
+def cached_ppl(d: Path, windows, threads: int, n: int, seqlen: int) -> float:
+    """`onnx_ppl`, cached in ``d/ppl_<n>x<seqlen>.json`` (the folder is only ever built once)."""
+    f = d / f"ppl_{n}x{seqlen}.json"
+    if f.exists():
+        return json.loads(f.read_text())["ppl"]
+    ppl = onnx_ppl(d, windows, threads)
+    f.write_text(json.dumps({"ppl": ppl}))
+    return ppl
+
+
+def embed_sym(compressed: Path, mode: str) -> bool:
+    """``--embed-sym`` for one checkpoint: yes / no, or auto = the checkpoint's own ``spec.sym``."""
+    if mode != "auto":
+        return mode == "yes"
+    return bool(json.loads((compressed / "report.json").read_text())["spec"]["sym"])
+
+
 def build_fp32(src: Path, out: Path) -> None:
     """fp32 fused graph of the source model (no quantized weights) + genai layout."""
     from cli.export_cmd import COPY_FILES
@@ -135,7 +157,7 @@ def build_fp32(src: Path, out: Path) -> None:
     model, _ = full_model(src)
     proto, _ = build_fused(model.eval(), {}, accuracy_level=0)
     tmp = out.with_name(out.name + ".partial")
-    save_model(proto, tmp / "model.onnx")
+    save_model(proto, tmp / "model.onnx", external=True)  # as ptq export writes the fused graph
     write_genai_config(tmp, model.config, src)
     for f in COPY_FILES:
         if (src / f).is_file():
@@ -207,13 +229,17 @@ def main():
     ap.add_argument("--child", choices=["ours", "genai"])
     ap.add_argument("--dir")
     ap.add_argument("--model", default=None, help="fp32 SmolLM2 folder (default: the smollm2-135m cache)")
-    ap.add_argument("--compressed", help="ptq compress --format gptq output (the ptq int4 source)")
+    ap.add_argument("--compressed", action="append", default=[], help="ptq compress --format gptq output (a ptq "
+                    "int4 source; repeat for several in one run)")
     ap.add_argument("--peer-python", help="interpreter with onnxruntime-genai (builder + genai rows)")
     ap.add_argument("--builder-extra", action="append", default=[],
-                    help="extra builder configuration(s), e.g. int4_block_size=128 (default build always runs)")
+                    help="extra builder configuration(s), e.g. block_size=64 (onnxruntime-genai 0.18; the default build always runs)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ptq_onnx_speed"))
     ap.add_argument("--embed-bits", type=int, default=4)
     ap.add_argument("--embed-method", default="rtn", help="quantizer of the ptq embedding / lm_head (ptq.head_quant)")
+    ap.add_argument("--embed-sym", choices=["no", "yes", "auto"], default="no", help="symmetric ptq embedding / "
+                    "lm_head (no zero points); auto: as the checkpoint's own weights (report.json spec.sym)")
+    ap.add_argument("--build-only", action="store_true", help="build the folders and perplexities, no timing")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -243,19 +269,27 @@ def main():
     src = Path(a.model or ensure_cache())
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    dirs = {"fp32": work / "fp32", "ptq int4": work / "ptq_int4", "builder int4": work / "builder_int4"}
+    ptq_dirs = {("ptq int4" if len(a.compressed) == 1 else f"ptq int4 ({Path(c).name})"): Path(c)
+                for c in a.compressed}
+    dirs = {"fp32": work / "fp32"}
+    dirs |= {name: work / ("ptq_int4" if len(a.compressed) == 1 else "ptq_int4_" + c.name) for name, c in ptq_dirs.items()}
+    dirs["builder int4"] = work / "builder_int4"
     for extra in a.builder_extra:
         dirs[f"builder int4 ({extra})"] = work / ("builder_int4_" + extra.replace("=", "_"))
     built = {}
     if not dirs["fp32"].exists():
         build_fp32(src, dirs["fp32"])
-    if not dirs["ptq int4"].exists():
-        t = time.time()
-        rep = export_onnx_dir(Path(a.compressed), dirs["ptq int4"], accuracy_level=4, embed_bits=a.embed_bits,
-                              embed_method=a.embed_method)
-        built["ptq int4"] = {"export_s": round(time.time() - t, 1), "graph": rep["graph"],
-                             "validation": {k: v for k, v in rep["validation"].items() if "torch" not in k}}
-        print(json.dumps(built["ptq int4"]), flush=True)
+    for name, c in ptq_dirs.items():
+        if not dirs[name].exists():
+            t = time.time()
+            rep = export_onnx_dir(c, dirs[name], accuracy_level=4, embed_bits=a.embed_bits,
+                                  embed_method=a.embed_method, embed_sym=embed_sym(c, a.embed_sym))
+            built[name] = {"export_s": round(time.time() - t, 1), "graph": rep["graph"],
+                           "validation": {k: v for k, v in rep["validation"].items() if "torch" not in k}}
+            (dirs[name] / "bench_build.json").write_text(json.dumps(built[name]))
+            print(json.dumps(built[name]), flush=True)
+        elif (dirs[name] / "bench_build.json").exists():
+            built[name] = json.loads((dirs[name] / "bench_build.json").read_text())
     for name, d in dirs.items():
         if name.startswith("builder") and not d.exists():
             extra = name[len("builder int4 ("):-1] if "(" in name else None
@@ -271,8 +305,10 @@ def main():
     ppl = {}
     for name, d in dirs.items():
         t = time.time()
-        ppl[name] = onnx_ppl(d, windows, a.threads)
+        ppl[name] = cached_ppl(d, windows, a.threads, a.windows, a.seqlen)
         print(f"{name}: wikitext-2 ppl ({a.windows} windows) {ppl[name]:.3f} ({time.time() - t:.0f} s)", flush=True)
+    if a.build_only:
+        return
     ids = tokenize(read_text(None), tok)[: a.prompt].tolist()  # the embedded calibration text
     variants = [(n, rt) for n in dirs for rt in ("ours", "genai") if n != "fp32" or rt == "ours"]
     if not a.peer_python:
@@ -300,6 +336,7 @@ def main():
     load1 = os.getloadavg()
     ref = {rt: statistics.median(res[("builder int4", rt)]["decode_tps"]) for rt in ("ours", "genai")
            if ("builder int4", rt) in res}
+    first = next(iter(ptq_dirs))
     for (name, rt), r in res.items():
         tps = statistics.median(r["decode_tps"])
         row = {"model": "SmolLM2-135M-Instruct", "variant": name, "runtime": "our loop (onnxruntime)" if rt == "ours"
@@ -312,12 +349,13 @@ def main():
                "accuracy_levels": acc_levels(dirs[name]), "prompt_tokens": len(ids), "new_tokens": a.new,
                "reps": a.reps, "rounds": a.rounds, "intra_op_threads": a.threads, "loadavg_before": [round(x, 2) for x in load0],
                "loadavg_after": [round(x, 2) for x in load1],
-               "greedy_equal_ptq_int4_ours": sum(x == y for x, y in zip(r["ids"], res[("ptq int4", "ours")]["ids"]))}
+               "exclusive_machine": bool(os.environ.get("PTQ_HEAVY_EXCLUSIVE")),
+               "greedy_equal_first_ptq_ours": sum(x == y for x, y in zip(r["ids"], res[(first, "ours")]["ids"]))}
         if name in built:
             row["build"] = built[name]
-        if name == "ptq int4":
-            row["source"] = (f"ptq compress --format gptq ({Path(a.compressed).name}), --embed-bits {a.embed_bits} "
-                             f"--embed-method {a.embed_method}")
+        if name in ptq_dirs:
+            row["source"] = (f"ptq compress --format gptq ({ptq_dirs[name].name}), --embed-bits {a.embed_bits} "
+                             f"--embed-method {a.embed_method}" + (" --embed-sym" if embed_sym(ptq_dirs[name], a.embed_sym) else ""))
         print(json.dumps(row))
         if not a.no_log:
             append("onnx_speed", row, command=f"python bench/onnx_speed.py {clean_args(sys.argv[1:], a)}")

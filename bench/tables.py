@@ -394,28 +394,31 @@ def gate_smollm2():
 @renderer("ds_attention_speed")
 def ds_attention_speed():
     """bench/ds_attention_speed.py (docs/double_sparsity.md): one decode step of attention, ms and speedup vs the
-    faster dense variant, per cached length S."""
+    faster dense variant, per cached length S; one column per Double Sparsity variant of the latest rows."""
     by = latest(rows("ds_attention_speed"), "S", "k", "r")
+    names = [n for n in by[max(by)]["speedup"]] if by else []
     body = []
     for (S, k, r), x in sorted(by.items()):
         ms, sp = x["ms"], x["speedup"]
-        body.append([str(S), str(k), str(r), f"{ms['dense sdpa']:.3f}", f"{ms['dense bmm']:.3f}",
-                     f"{ms['DS kv fp16']:.3f}", f"{ms['DS kv 4-bit']:.3f}", f"{ms['DS head fp16']:.3f}",
-                     f"{sp['DS kv fp16']:.2f}x", f"{sp['DS kv 4-bit']:.2f}x", f"{sp['DS head fp16']:.2f}x"])
-    return ["cached tokens S", "k", "r", "dense sdpa ms", "dense bmm ms", "DS fp16 labels ms", "DS 4-bit labels ms",
-            "DS per-query-head top-k ms", "speedup fp16 labels", "4-bit labels", "per query head"], body
+        body.append([str(S), str(k), str(r), f"{ms['dense sdpa']:.3f}", f"{ms['dense bmm']:.3f}"]
+                    + [f"{ms[n]:.3f}" if n in ms else "" for n in names]
+                    + [f"{sp[n]:.2f}x" if n in sp else "" for n in names])
+    short = [n.removeprefix("DS ") for n in names]
+    return (["cached tokens S", "k", "r", "dense sdpa ms", "dense bmm ms"] + [f"{n} ms" for n in short]
+            + [f"speedup {n}" for n in short], body)
 
 
 @renderer("ds_generate_speed")
 def ds_generate_speed():
     """bench/ds_generate_speed.py (docs/double_sparsity.md): model.generate decode tokens/s (CPU time) after a long
-    prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (one top-k per KV head, and per
-    query head when measured); teacher-forced top-1 agreement with dense."""
+    prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (the row's selection, and a top-k
+    per query head on KV-head labels when measured); teacher-forced top-1 agreement with dense."""
     body = []
-    for r in latest(rows("ds_generate_speed"), "prompt_tokens", "heavy_tokens", "r", "label_bits").values():
+    keys = ("prompt_tokens", "heavy_tokens", "r", "label_bits", "selection")
+    for r in latest(rows("ds_generate_speed"), *keys).values():
         t = r["tokens_per_s_cpu"]
         tf = r.get("teacher_forced", {})
-        for name, sel in (("double sparsity", "kv"), ("double sparsity (head)", "head")):
+        for name, sel in (("double sparsity", r.get("selection", "kv")), ("double sparsity (head)", "head")):
             if name not in t:
                 continue
             agree = tf.get(name, {}).get("top1_agreement")
@@ -423,7 +426,7 @@ def ds_generate_speed():
                          f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t[name]:.2f}",
                          f"{t[name] / t['dense (DynamicCache)']:.2f}x", f"{t[name] / t['dense (DSCache)']:.2f}x",
                          "" if agree is None else f"{agree:.2f}"])
-    return ["prompt tokens", "k", "r", "label bits", "top-k per", "dense tok/s (transformers DynamicCache)",
+    return ["prompt tokens", "k", "r", "label bits", "selection", "dense tok/s (transformers DynamicCache)",
             "dense tok/s (DSCache buffers)", "DS tok/s", "DS vs dense", "DS vs dense buffers",
             "top-1 agreement (teacher-forced)"], body
 
@@ -463,10 +466,15 @@ def ds_smollm2_ppl():
 
 @renderer("ds_smollm2_retrieval")
 def ds_smollm2_retrieval():
-    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval, the latest run."""
-    body = [[str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
-            for r in _latest_run(rows("ds_smollm2_retrieval"), "length", "config")]
-    return ["prompt tokens", "config", "keys retrieved"], body
+    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval; per token
+    selection, the latest run with that selection."""
+    rs = rows("ds_smollm2_retrieval")
+    body = []
+    for sel in ("kv", "head", "query-labels"):
+        mine = [r for r in rs if r.get("selection", "kv") == sel]
+        body += [[sel, str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
+                 for r in (_latest_run(mine, "length", "config") if mine else [])]
+    return ["selection", "prompt tokens", "config", "keys retrieved"], body
 
 
 def _cskv_rows() -> tuple[dict, list[dict]]:
@@ -522,26 +530,48 @@ def cskv_generate():
 # --- checking and writing ----------------------------------------------------------------------------------------
 
 
-@renderer("onnx_speed")
-def onnx_speed():
-    """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
-    perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes."""
-    head = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (same run)", "prefill ms",
-            "peak RSS MiB", "size MiB", "wikitext-2 ppl"]
-    if not (RESULTS / "onnx_speed.jsonl").exists():
-        return head, []
+def _onnx_speed_body(newest: bool) -> list[list[str]]:
+    """Rows of the newest run (``newest``: the last row's command), else of the earlier runs."""
+    rs = rows("onnx_speed")
+    last = rs[-1].get("command") if rs else None
     body = []
-    for r in latest(rows("onnx_speed"), "command", "variant", "runtime").values():
+    for r in latest(rs, "command", "variant", "runtime").values():
+        if (r.get("command") == last) != newest:
+            continue
         ratio = r.get("decode_vs_builder_int4_same_runtime")
         cmd = r.get("command", "").split()
         emb = cmd[cmd.index("--embed-bits") + 1] if "--embed-bits" in cmd else "4"
         meth = cmd[cmd.index("--embed-method") + 1] if "--embed-method" in cmd else "rtn"
-        src = cmd[cmd.index("--compressed") + 1] if "--compressed" in cmd else "?"
+        sym = cmd[cmd.index("--embed-sym") + 1] if "--embed-sym" in cmd else "no"
+        meth += {"no": "", "yes": " sym", "auto": " (sym as the body)"}.get(sym, " sym")
+        src = " + ".join(cmd[i + 1] for i, x in enumerate(cmd) if x == "--compressed") or "?"
         rounds = f", {r['rounds']} rounds x {r['reps']} reps" if r.get("rounds", 1) > 1 else ""
-        body.append([f"{src}, --embed-bits {emb} {meth}{rounds}", r["variant"], r["runtime"], f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
-                     f"{r['prefill_ms']:.0f}", str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}",
-                     f"{r['wikitext2_ppl']:.3f}"])
-    return head, body
+        body.append([f"{src}, --embed-bits {emb} {meth}{rounds}", r["variant"], r["runtime"],
+                     f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x", f"{r['prefill_ms']:.0f}",
+                     str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}", f"{r['wikitext2_ppl']:.3f}"])
+    return body
+
+
+ONNX_SPEED_HEAD = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (same run)", "prefill ms",
+                   "peak RSS MiB", "size MiB", "wikitext-2 ppl"]
+
+
+@renderer("onnx_speed")
+def onnx_speed():
+    """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
+    perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes;
+    the newest run."""
+    if not (RESULTS / "onnx_speed.jsonl").exists():
+        return ONNX_SPEED_HEAD, []
+    return ONNX_SPEED_HEAD, _onnx_speed_body(newest=True)
+
+
+@renderer("onnx_speed_earlier")
+def onnx_speed_earlier():
+    """The same table, the earlier runs."""
+    if not (RESULTS / "onnx_speed.jsonl").exists():
+        return ONNX_SPEED_HEAD, []
+    return ONNX_SPEED_HEAD, _onnx_speed_body(newest=False)
 
 
 def render(name: str) -> list[str]:

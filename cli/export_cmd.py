@@ -83,7 +83,7 @@ def export_onnx(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir:
         if missing_act:
             raise ValueError(f"activation-quantized linears not found in the ONNX graph: {missing_act[:5]}")
         install_act_quant(model, act_spec, act_tensors)  # validation reference = ptq's fake-quant model
-    files = save_model(proto, out_dir / MODEL_FILE)
+    files = save_model(proto, out_dir / MODEL_FILE, external=used == "fused")  # fused: the weights in model.onnx.data
     del proto
     report = {"mode": mode, "graph": used, "accuracy_level": accuracy_level, "opset": 21,
               "files": {f.name: f.stat().st_size for f in files},
@@ -138,7 +138,7 @@ def load_compressed(compressed_dir: Path) -> tuple[nn.Module, dict[str, Quantize
 
 def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4, qdq: bool = False,
                     validate: bool = True, embed_bits: int | None = None, graph: str = "fused",
-                    embed_method: str = "rtn", embed_calib: str | None = None) -> dict:
+                    embed_method: str = "rtn", embed_calib: str | None = None, embed_sym: bool = False) -> dict:
     """`ptq compress --format onnx` / `ptq export`: compressed folder -> ONNX folder (+ config/tokenizer files)."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     _refuse_moe(Path(compressed_dir))
@@ -172,7 +172,8 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
             from calib.data import load_calibration
 
             calib = load_calibration(embed_calib, tok, nsamples=EMBED_CALIB_WINDOWS, seqlen=512)
-        tied, extra = quantize_embeddings(model, qweights, embed_bits, method=embed_method, calib_ids=calib)
+        tied, extra = quantize_embeddings(model, qweights, embed_bits, method=embed_method, calib_ids=calib,
+                                           sym=embed_sym)
     from ptq.export.onnx_validate import sample_ids
 
     report = export_onnx(model, qweights, out_dir, mode=mode, accuracy_level=accuracy_level, validate=validate,
@@ -181,7 +182,7 @@ def export_onnx_dir(compressed_dir: Path, out_dir: Path, accuracy_level: int = 4
     report["source"] = str(compressed_dir)
     report["quantized_at_export"] = extra
     if extra:
-        report["embed_quant"] = {"bits": embed_bits, "group_size": 32, "sym": False, "method": embed_method}
+        report["embed_quant"] = {"bits": embed_bits, "group_size": 32, "sym": embed_sym, "method": embed_method}
     if act_spec:
         report["act_quant_scheme"] = {k: act_spec[k] for k in ("bits", "granularity", "sym")}
     from ptq.validate import side_file
@@ -223,12 +224,14 @@ def register(app) -> None:
                                            "compute, 4 int8 activations (fast on CPU)"),
         qdq: bool = typer.Option(False, "--qdq", help="portable DequantizeLinear(int4, block) + MatMul graph"),
         embed_bits: Optional[int] = typer.Option(None, "--embed-bits", help="also quantize the fp embedding / "
-                                                 "lm_head at export (2, 4 or 8 bits, asymmetric, group 32)"),
+                                                 "lm_head at export (2, 4 or 8 bits, group 32)"),
         embed_method: str = typer.Option("rtn", "--embed-method", help="quantizer of --embed-bits: rtn | mse | "
                                          "octav (clipped RTN) | gptq (lm_head GPTQ on final-norm outputs of "
                                          "calibration text; a tied embedding shares its codes)"),
         embed_calib: Optional[str] = typer.Option(None, "--embed-calib", help="calibration text of --embed-method "
                                                   "gptq (default: the built-in text)"),
+        embed_sym: bool = typer.Option(False, "--embed-sym", help="--embed-bits symmetric (no zero points, as the "
+                                       "onnxruntime-genai builder's int4; default asymmetric)"),
         no_validate: bool = typer.Option(False, "--no-validate", help="skip the onnxruntime check"),
         graph: str = typer.Option("fused", "--graph", help="fused: GroupQueryAttention / SkipSimplifiedLayerNorm "
                                   "graph + genai_config.json (llama, mistral, qwen2; others fall back to plain); "
@@ -249,7 +252,7 @@ def register(app) -> None:
             fail("--accuracy-level must be 0..4")
         from ptq.head_quant import embed_method_error
 
-        if err := embed_method_error(embed_method, embed_bits):
+        if err := embed_method_error(embed_method, embed_bits, sym=embed_sym):
             fail(err)
         if embed_calib is not None and not Path(embed_calib).exists():
             fail(f"--embed-calib {embed_calib} does not exist")
@@ -257,7 +260,7 @@ def register(app) -> None:
             fail(f"--graph must be fused or plain, got {graph!r}")
         try:
             rep = export_onnx_dir(compressed_dir, out or compressed_dir / "onnx", accuracy_level, qdq,
-                                  not no_validate, embed_bits, graph, embed_method, embed_calib)
+                                  not no_validate, embed_bits, graph, embed_method, embed_calib, embed_sym)
         except ValueError as e:
             fail(str(e))
         v = rep.get("validation", {})

@@ -67,6 +67,8 @@ def compress(
                                              "(8 or 4; compressed-tensors and onnx only, see docs/formats.md)"),
     embed_method: str = typer.Option("rtn", "--embed-method", help="--format onnx: quantizer of --embed-bits: rtn | "
                                      "mse | octav | gptq (GPTQ of the lm_head on --calib text; docs/onnx.md)"),
+    embed_sym: bool = typer.Option(False, "--embed-sym", help="--format onnx: --embed-bits symmetric (no zero "
+                                   "points, as the onnxruntime-genai builder's int4; default asymmetric)"),
     eval_text: Optional[str] = typer.Option(None, "--eval-text", help="text file for perplexity/KL/top-1 after export"),
     eval_windows: int = typer.Option(40, help="evaluation windows"),
     bos: Optional[bool] = typer.Option(None, "--bos/--no-bos",
@@ -99,7 +101,8 @@ def compress(
         fail(f"--embed-bits for ONNX must be 4 or 8, got {embed_bits}")
     from ptq.head_quant import embed_method_error
 
-    if err := embed_method_error(embed_method, embed_bits if onnx else None, "--format onnx and --embed-bits"):
+    if err := embed_method_error(embed_method, embed_bits if onnx else None, "--format onnx and --embed-bits",
+                                 sym=embed_sym):
         fail(err)
     if accuracy_level not in range(5):
         fail(f"--accuracy-level must be 0..4, got {accuracy_level}")
@@ -128,7 +131,7 @@ def compress(
         tmp_onnx = out / ".onnx-partial"
         try:
             export_onnx_dir(out, tmp_onnx, accuracy_level=accuracy_level, embed_bits=embed_bits,
-                            embed_method=embed_method, embed_calib=calib)
+                            embed_method=embed_method, embed_calib=calib, embed_sym=embed_sym)
         except (ValueError, RuntimeError, NotImplementedError) as e:
             shutil.rmtree(tmp_onnx, ignore_errors=True)
             fail(f"ONNX export failed: {e} (the compressed checkpoint is complete in {out}; "

@@ -2,7 +2,8 @@
 
 The decoder-layer passes leave ``embed_tokens`` and ``lm_head`` in floating point; a small model keeps a large
 share of its parameters there (SmolLM2-135M: 28 M of 135 M, one tied matrix ``E [V, d]``). This module turns
-them into `QuantizedWeight` s (asymmetric, group 32 along ``d``) that the ONNX exporter packs unchanged. Methods:
+them into `QuantizedWeight` s (group 32 along ``d``; asymmetric, or symmetric with ``sym``: no zero points, the
+onnxruntime-genai builder's int4 form) that the ONNX exporter packs unchanged. Methods:
 
 * ``rtn``: min/max round-to-nearest (``ptq.quant.primitives``).
 * ``mse`` / ``octav``: round-to-nearest on a clipped range (``ptq.quant.clipping``: GPTQ's shrink grid search /
@@ -28,13 +29,16 @@ from ptq.quant.qweight import QuantizedWeight
 HEAD_METHODS = ("rtn", "mse", "octav", "gptq")
 
 
-def embed_method_error(method: str, bits: int | None, needs: str = "--embed-bits") -> str | None:
-    """The one-line CLI error for ``--embed-method`` (None when it is usable): a known method, and any method but
-    the default only together with ``--embed-bits`` (``needs`` names what else the command requires)."""
+def embed_method_error(method: str, bits: int | None, needs: str = "--embed-bits", sym: bool = False) -> str | None:
+    """The one-line CLI error for ``--embed-method`` / ``--embed-sym`` (None when usable): a known method, and any
+    method but the default, or ``--embed-sym``, only together with ``--embed-bits`` (``needs`` names what else the
+    command requires)."""
     if method not in HEAD_METHODS:
         return f"--embed-method must be one of {', '.join(HEAD_METHODS)}, got {method!r}"
     if method != "rtn" and not bits:
         return f"--embed-method needs {needs}"
+    if sym and not bits:
+        return f"--embed-sym needs {needs}"
     return None
 
 
@@ -63,8 +67,9 @@ def head_hessian(model: nn.Module, calib_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_head(w: torch.Tensor, bits: int, group_size: int = 32, method: str = "rtn",
-                  H: torch.Tensor | None = None, damp: float = 0.01) -> QuantizedWeight:
-    """One asymmetric ``QuantizedWeight`` of ``w [V, d]`` by ``method`` (``H [d, d]`` required for gptq)."""
+                  H: torch.Tensor | None = None, damp: float = 0.01, sym: bool = False) -> QuantizedWeight:
+    """One ``QuantizedWeight`` of ``w [V, d]`` by ``method`` (``H [d, d]`` required for gptq); asymmetric, or
+    symmetric (implicit zero 2^(bits-1)) with ``sym``."""
     if method not in HEAD_METHODS:
         raise ValueError(f"embedding quantizer must be one of {', '.join(HEAD_METHODS)}, got {method!r}")
     if method == "gptq":
@@ -72,20 +77,20 @@ def quantize_head(w: torch.Tensor, bits: int, group_size: int = 32, method: str 
 
         if H is None:
             raise ValueError("gptq needs the lm_head input Hessian (head_hessian)")
-        qw, _ = gptq_quantize(w, H, QuantSpec(bits, group_size, sym=False), damp=damp, act_order=True,
+        qw, _ = gptq_quantize(w, H, QuantSpec(bits, group_size, sym=sym), damp=damp, act_order=True,
                               static_groups=True)
         return qw
     clip = "none" if method == "rtn" else method
-    return QuantizedWeight.from_float(w, QuantSpec(bits, group_size, sym=False, clip=clip))
+    return QuantizedWeight.from_float(w, QuantSpec(bits, group_size, sym=sym, clip=clip))
 
 
 @torch.no_grad()
 def quantize_embeddings(model: nn.Module, qweights: dict, bits: int, group_size: int = 32, method: str = "rtn",
-                        calib_ids: torch.Tensor | None = None) -> tuple[dict, list]:
+                        calib_ids: torch.Tensor | None = None, sym: bool = False) -> tuple[dict, list]:
     """Quantize the (fp) embedding / lm_head of ``model`` in place: weights become the dequantized values and
     ``qweights[path]`` the `QuantizedWeight`. Modules already in ``qweights`` are kept. Returns
     ``(tied map {embedding path: lm_head path} or {}, paths quantized here)``. ``calib_ids [n, L]``: the
-    calibration windows of ``method="gptq"``."""
+    calibration windows of ``method="gptq"``; ``sym``: symmetric codes (no zero points)."""
     emb_path, head_path = embedding_paths(model)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head.weight.data_ptr() == emb.weight.data_ptr()
@@ -96,12 +101,12 @@ def quantize_embeddings(model: nn.Module, qweights: dict, bits: int, group_size:
             if calib_ids is None:
                 raise ValueError("--embed-method gptq needs calibration text (a tokenizer in the folder)")
             H = head_hessian(model, calib_ids)
-        qw = quantize_head(head.weight.data, bits, group_size, method, H)
+        qw = quantize_head(head.weight.data, bits, group_size, method, H, sym=sym)
         head.weight.data.copy_(qw.dequantize())
         qweights[head_path] = qw
         done.append(head_path)
     if not tied and emb_path not in qweights:
-        qw = quantize_head(emb.weight.data, bits, group_size, "rtn" if method == "gptq" else method)
+        qw = quantize_head(emb.weight.data, bits, group_size, "rtn" if method == "gptq" else method, sym=sym)
         emb.weight.data.copy_(qw.dequantize())
         qweights[emb_path] = qw
         done.append(emb_path)

@@ -163,7 +163,7 @@ def test_installed_model_full_k_equals_dense_and_oracle(gqa_dir):
         assert (model(input_ids=ids).logits - dense).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("selection,bits", [("kv", 16), ("head", 4)])
+@pytest.mark.parametrize("selection,bits", [("kv", 16), ("head", 4), ("query-labels", 16), ("query-labels", 4)])
 def test_runtime_decode_equals_study_path(gqa_dir, selection, bits):
     """Token-by-token decode through a DSCache (label cache, top-k gather) gives the logits of one forward
     through the accuracy-study path (each query its own top-k over the same channels, selection, label bits);
@@ -182,7 +182,8 @@ def test_runtime_decode_equals_study_path(gqa_dir, selection, bits):
         cache = make_cache(model)
         steps = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
                  for t in range(ids.shape[1])]
-        assert cache.layers[1].n == 30 and cache.layers[1].lab.shape == (1, 2, 4 if bits == 16 else 2, 256)
+        rows = H if selection == "query-labels" else 2  # label rows: per query head, or per KV head
+        assert cache.layers[1].n == 30 and cache.layers[1].lab.shape == (1, rows, 4 if bits == 16 else 2, 256)
         torch.testing.assert_close(torch.cat(steps, 1), study, atol=2e-4, rtol=0)
         uninstall(model)
         dense = model(input_ids=ids, use_cache=False).logits
@@ -197,7 +198,7 @@ def test_runtime_decode_equals_study_path(gqa_dir, selection, bits):
         torch.testing.assert_close(out.logits[0], dense[:, -1], atol=1e-4, rtol=0)  # prefill is dense
         nb = cache.nbytes()
         r_bytes = 4 * 2 if bits == 16 else 2 + 4  # fp16 labels, or 4-bit codes + fp16 step and minimum
-        assert nb["labels"] == 2 * 2 * 31 * r_bytes and nb["kv"] == 2 * 2 * 2 * 31 * d * 4
+        assert nb["labels"] == 2 * rows * 31 * r_bytes and nb["kv"] == 2 * 2 * 2 * 31 * d * 4
 
 
 def test_compress_writes_labels_and_unchanged_weights(gqa_dir, tmp_path):
@@ -214,7 +215,8 @@ def test_compress_writes_labels_and_unchanged_weights(gqa_dir, tmp_path):
     assert rep["format"] == "fp" and "ds_top_r_mass" in rep["layers"][0]
     ours = json.loads((out / "double_sparsity.json").read_text())
     sg = json.loads((out / "ds_channel_config.json").read_text())
-    assert ours["settings"]["channel_type"] == "qk_kv" and ours["settings"]["heavy_tokens"] == 256 and ours["calibration_tokens"] == 4 * 32
+    assert ours["settings"]["channel_type"] == "qk_kv" and ours["settings"]["selection"] == "kv"
+    assert ours["settings"]["heavy_tokens"] == 256 and ours["calibration_tokens"] == 4 * 32
     assert set(sg) == {f"model.layers.{i}.self_attn.{t}_proj" for i in range(2) for t in ("q", "k", "qk")}
     qk = torch.tensor(sg["model.layers.1.self_attn.qk_proj"])
     assert qk.shape == (2, 16) and torch.equal(qk.sort(-1).values, torch.arange(16).expand(2, 16))  # KV-head rows
@@ -283,6 +285,41 @@ def test_label_cache_appends_and_scores(bits):
     assert nb["labels"] == 2 * 300 * {16: 10, 4: 3 + 4, 3: 5 + 4}[bits]
     x = torch.randn(2, 3, 1000, generator=g)
     assert torch.equal(top_k_indices(x, 37).sort(-1).values, x.topk(37, -1).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("selection,bits", [("query-labels", 16), ("query-labels", 4), ("query-labels", 32), ("head", 16),
+                                            ("kv", 4)])
+def test_sparse_decode_equals_study_decode(selection, bits):
+    """One decode step from a filled DSLayer (label cache, batched top-k, one index_select of the key rows,
+    embedding_bag over the value rows) equals the study path's decode on the same K/V, channels, selection and
+    label bits, with and without padding; per-query-head label rows hold each head's own channels."""
+    from ptq.sparse.double_sparsity import runtime_channels
+    from ptq.sparse.ds_runtime import DSLayer, sparse_decode
+
+    b, H, Hkv, S, d, r, kk = 2, 6, 2, 300, 16, 4, 24
+    q, K, V = rnd(b, H, 1, d, seed=40), rnd(b, Hkv, S, d, seed=41), rnd(b, Hkv, S, d, seed=42)
+    labels = random_labels(H, d, 5)
+    cfg = DSConfig(heavy_tokens=kk, heavy_channels=r, label_bits=bits, selection=selection)
+    ch = runtime_channels(labels, selection, H, Hkv, r)
+    assert ch.shape == ((H, r) if selection == "query-labels" else (Hkv, r))
+    lay = DSLayer(ch, bits)
+    lay.update(K[:, :, :200], V[:, :, :200])
+    lay.update(K[:, :, 200:], V[:, :, 200:])
+    if selection == "query-labels":  # row h = channels C_h of the keys of KV head h // 3
+        want = K.repeat_interleave(3, 1).gather(-1, labels[None, :, None, :r].expand(b, H, S, r))
+        torch.testing.assert_close(lay.labels(), want.half().float() if bits == 16 else fake_quant_labels(
+            want.float(), bits), atol=1e-6, rtol=0)
+    allowed = torch.ones(b, S, dtype=torch.bool)
+    allowed[1, :37] = False
+    allowed[0, 250:260] = False
+    for al in (None, allowed):
+        out = sparse_decode(q, lay, kk, d**-0.5, bits, selection, al)
+        ref = double_sparse_attention(q, K, V, labels, cfg, d**-0.5, None if al is None else al[:, None, None, :])
+        assert (out - ref).abs().max() < 1e-12
+    dense = dense_ref(q, K, V, d**-0.5, torch.ones(1, 1, 1, S, dtype=torch.bool))
+    assert (out - dense).abs().max() > 1e-3  # really sparse
+    with pytest.raises(ValueError, match="label rows"):
+        sparse_decode(q, lay, kk, d**-0.5, bits, "kv" if selection == "query-labels" else "query-labels")
 
 
 def test_kv_label_channels_merges_query_head_rankings():

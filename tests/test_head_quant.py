@@ -40,6 +40,9 @@ def test_gptq_head_lowers_logit_error():
     assert not gq.act_order and gq.zero is not None and torch.equal(gq.scale, rtn.scale)  # static groups: RTN grid
     e_rtn, e_gptq = logit_err(w, rtn.dequantize(), H), logit_err(w, gq.dequantize(), H)
     assert e_gptq < 0.7 * e_rtn
+    rtn_s, gq_s = quantize_head(w, 4, 32, "rtn", sym=True), quantize_head(w, 4, 32, "gptq", H, sym=True)
+    assert rtn_s.sym and gq_s.sym and gq_s.zero is None and torch.equal(gq_s.scale, rtn_s.scale)  # no zero points
+    assert logit_err(w, gq_s.dequantize(), H) < 0.7 * logit_err(w, rtn_s.dequantize(), H)
     with pytest.raises(ValueError, match="Hessian"):
         quantize_head(w, 4, 32, "gptq")
     with pytest.raises(ValueError, match="one of"):
@@ -85,8 +88,20 @@ def test_cli_export_embed_method(tiny_models, tmp_path):
     assert sorted(rep["quantized_at_export"]) == ["lm_head", "model.embed_tokens"]
     assert rep["replaced"]["lm_head"] == "MatMulNBits" and rep["replaced"]["model.embed_tokens"] == "GatherBlockQuantized"
     assert rep["validation"]["max_abs_logit_diff_acc0"] < 1e-4 and rep["validation"]["greedy_match_acc0"]
+    r = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "s"), "--accuracy-level", "0",
+                                 "--embed-bits", "4", "--embed-method", "gptq", "--embed-sym"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "s" / "onnx_report.json").read_text())
+    assert rep["embed_quant"] == {"bits": 4, "group_size": 32, "sym": True, "method": "gptq"}
+    assert rep["validation"]["max_abs_logit_diff_acc0"] < 1e-4 and rep["validation"]["greedy_match_acc0"]
+    import onnx
+
+    head = next(n for n in onnx.load(str(tmp_path / "s" / "model.onnx")).graph.node if "logits" in n.output)
+    assert head.op_type == "MatMulNBits" and len(head.input) == 3  # symmetric: no zero-point input
     bad = CliRunner().invoke(app, ["export", str(out), "--embed-method", "gptq"])
     assert bad.exit_code == 2 and "needs --embed-bits" in bad.output
+    bad = CliRunner().invoke(app, ["export", str(out), "--embed-sym"])
+    assert bad.exit_code == 2 and "--embed-sym needs --embed-bits" in bad.output
     bad = CliRunner().invoke(app, ["export", str(out), "--embed-bits", "4", "--embed-method", "kmeans"])
     assert bad.exit_code == 2 and "--embed-method must be one of" in bad.output
 

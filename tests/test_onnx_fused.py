@@ -147,15 +147,16 @@ def test_opt_falls_back_to_plain(tiny_models, tmp_path):
     assert rep["validation"]["max_abs_logit_diff_acc0"] < 1e-4
 
 
-def test_genai_runs_fused_export(tiny_models, tmp_path):
-    """onnxruntime-genai loads the folder as written (no builder step) and its greedy output at accuracy level 0
-    is the PyTorch fake-quant model's."""
+@pytest.mark.parametrize("sym", [False, True])
+def test_genai_runs_fused_export(sym, tiny_models, tmp_path):
+    """onnxruntime-genai loads the folder as written (model.onnx + model.onnx.data, no builder step) and its greedy
+    output at accuracy level 0 is the PyTorch fake-quant model's (asymmetric, and symmetric without zero points)."""
     og = pytest.importorskip("onnxruntime_genai")
     from cli.export_cmd import export_onnx
     from ptq.export.onnx_genai import write_genai_config
     from ptq.export.onnx_validate import sample_ids
 
-    model, qws = quantized(tiny_models["llama-gqa"], QuantSpec(bits=4, group_size=32), tie=True, skip=())
+    model, qws = quantized(tiny_models["llama-gqa"], QuantSpec(bits=4, group_size=32, sym=sym), tie=True, skip=())
     ids = sample_ids(model.config)
     rep = export_onnx(model, qws, tmp_path, accuracy_level=0, ids=ids, n_new=12)
     write_genai_config(tmp_path, model.config)
@@ -171,4 +172,38 @@ def test_genai_runs_fused_export(tiny_models, tmp_path):
     while not gen.is_done():
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
-    assert out == rep["validation"]["torch_greedy"]
+    assert out == rep["validation"]["torch_greedy"] and len(out) == 12
+    assert (tmp_path / "model.onnx.data").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-gqa"])
+def test_fused_symmetric_builder_form(kind, tiny_models, tmp_path):
+    """Symmetric body + symmetric 4-bit tied embedding / lm_head (`--embed-sym`, the onnxruntime-genai builder's
+    int4 form): no MatMulNBits has a zero-point input, GatherBlockQuantized and the lm_head read one 4-bit table,
+    the lm_head writes ``logits`` itself (no Identity), the weights are in model.onnx.data, and the logits match
+    PyTorch at accuracy level 0 (prefill and decode)."""
+    from cli.export_cmd import export_onnx
+    from ptq.head_quant import quantize_embeddings
+
+    model, qws = quantized(tiny_models[kind], QuantSpec(bits=4, group_size=32, sym=True), tie=True)
+    tied, done = quantize_embeddings(model, qws, 4, sym=True)
+    assert done == ["lm_head"] and qws["lm_head"].sym
+    rep = export_onnx(model, qws, tmp_path, accuracy_level=0, tied=tied)
+    assert sorted(rep["files"]) == ["model.onnx", "model.onnx.data"]
+    assert rep["files"]["model.onnx.data"] > 4 * rep["files"]["model.onnx"]  # small tensors (< 1 KiB) inline
+    m = onnx.load(str(tmp_path / "model.onnx"))
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 5 * model.config.num_hidden_layers + 1 and all(len(n.input) == 3 for n in nbits)
+    assert "Identity" not in [n.op_type for n in m.graph.node]
+    head = next(n for n in m.graph.node if "logits" in n.output)
+    assert head.op_type == "MatMulNBits" and head.name == "lm_head/MatMulNBits"
+    gbq = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
+    reshape = next(n for n in m.graph.node if n.output[0] == head.input[1])
+    assert reshape.input[0] == gbq.input[0] and head.input[2] == gbq.input[2]  # one table, one set of scales
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    v_, h = model.lm_head.weight.shape
+    assert np.array_equal(unpack4(init[gbq.input[0]], v_, h), qws["lm_head"].codes.numpy())  # codes unchanged
+    assert np.all(init[gbq.input[3]] == 0x88)  # explicit zero point 8 = the symmetric grid
+    v = rep["validation"]
+    assert v["max_abs_logit_diff_acc0"] < 1e-4 and v["max_abs_decode_logit_diff_acc0"] < 1e-4
+    assert v["greedy_match_acc0"] and v["top1_agreement_exported"] == 1.0

@@ -153,7 +153,7 @@ class FusedBuilder:
         if shared is not None:  # tied lm_head: the GatherBlockQuantized table viewed as [V, nb, blob]
             data, sc, zp = shared
             shape = g.init(f"{tag}.qweight_shape", np.array([n, bl0.nb, bl0.block * bl0.bits // 8], np.int64))
-            ins = [g.node("Reshape", [data, shape], f"{tag}/Reshape")[0], sc, zp]
+            ins = [g.node("Reshape", [data, shape], f"{tag}/Reshape")[0], sc, zp if bl0.zero_needed else ""]
         else:
             arrs = [matmulnbits_arrays(b) for b in bls]
             ins = [g.init(f"{tag}.qweight", np.concatenate([a["B"] for a in arrs])),
@@ -268,7 +268,8 @@ class FusedBuilder:
             carry = self.linears(act, [f"{mp}.down_proj"], f"{mp}.down_proj")[0]
         h, _ = self._norm(carry, resid, model.model.norm, "model.norm")
         logits = self.lm_head(h, emb_path, head_path)
-        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits/Identity"))
+        producer = next(nd for nd in reversed(g.nodes) if logits in nd.output)
+        producer.output[list(producer.output).index(logits)] = "logits"  # the graph output itself: no Identity copy
         return self._model(n_layers, kvh, hd)
 
     def _norm(self, x: str | None, resid: str, norm: nn.Module, tag: str) -> tuple[str, str]:

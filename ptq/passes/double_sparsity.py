@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ptq.pipeline import LayerContext, Pass
-from ptq.sparse.double_sparsity import CHANNEL_TYPES, ChannelStats, DSConfig, label_files, rank_channels
+from ptq.sparse.double_sparsity import (CHANNEL_TYPES, SELECTIONS, ChannelStats, DSConfig, label_files,
+                                        rank_channels)
 
 
 class DoubleSparsityPass(Pass):
@@ -28,16 +29,19 @@ class DoubleSparsityPass(Pass):
     class Options:
         heavy_tokens: int = 256  # k, tokens kept per query/head at run time
         heavy_channels: int = 0  # r label channels; 0 = head_dim // 4
-        label_bits: int = 4  # label cache bits (16 = fp)
+        label_bits: int = 4  # label cache bits (16 = fp16, 32 = fp32)
         dense_layers: int = 2
         sparse_threshold: int = 1024  # sparse attention only when the key length exceeds this
-        channel_type: str = "qk_kv"  # qk_kv (one label set per KV head: the label cache) | qk | q | k
+        channel_type: str = "qk_kv"  # qk_kv (one set per KV head) | qk (per query head, the reference) | q | k
+        selection: str = "kv"  # run-time top-k: kv (per KV head) | head | query-labels (per query head, own labels)
 
         def __post_init__(self):
             if self.channel_type not in CHANNEL_TYPES:
                 raise ValueError(f"channel_type must be one of {', '.join(CHANNEL_TYPES)}")
-            if self.heavy_tokens < 1 or self.heavy_channels < 0 or not 1 <= self.label_bits <= 16:
-                raise ValueError("need heavy_tokens >= 1, heavy_channels >= 0, label_bits in 1..16")
+            if self.selection not in SELECTIONS:
+                raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}")
+            if self.heavy_tokens < 1 or self.heavy_channels < 0 or not (1 <= self.label_bits <= 16 or self.label_bits == 32):
+                raise ValueError("need heavy_tokens >= 1, heavy_channels >= 0, label_bits in 1..16 or 32")
 
     def setup(self, sm) -> None:
         self.labels: dict[int, dict[str, torch.Tensor]] = {}
@@ -90,5 +94,6 @@ class DoubleSparsityPass(Pass):
     def finalize(self, sm) -> dict:
         o = self.opts
         cfg = DSConfig(heavy_tokens=o.heavy_tokens, heavy_channels=o.heavy_channels, label_bits=o.label_bits,
-                       dense_layers=o.dense_layers, sparse_threshold=o.sparse_threshold, channel_type=o.channel_type)
+                       dense_layers=o.dense_layers, sparse_threshold=o.sparse_threshold, channel_type=o.channel_type,
+                       selection=o.selection)
         return label_files(self.labels, cfg, self.config, self.tokens, self.means)

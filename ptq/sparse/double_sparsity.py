@@ -42,14 +42,15 @@ SELECTIONS = ("kv", "head", "query-labels")
 class DSConfig:
     heavy_tokens: int = 256  # k: tokens kept per query and head
     heavy_channels: int = 16  # r: label channels (0 -> head_dim // 4)
-    label_bits: int = 16  # 16 = fp labels; 4 = the paper's 4-bit label cache
+    label_bits: int = 16  # 32 = fp32 label cache, 16 = fp16; 4 = the paper's 4-bit label cache
     dense_layers: int = 2  # layers [0, dense_layers) stay dense
     sparse_threshold: int = 0  # sparse only when the key length Lk > threshold
     channel_type: str = "qk"
     sparse_prefill: bool = True  # False: queries of a multi-token forward run dense (SGLang: sparse decode only)
     q_chunk: int = 512  # study path: queries per block in prefill (memory ~ b*H*q_chunk*Lk)
-    selection: str = "kv"  # kv: one top-k per KV head (group scores summed) | head: per query head |
-    #                        query-labels: study path only, per-query-head label channels (no label cache)
+    selection: str = "kv"  # kv: KV-head channels, one top-k per KV head shared by its query heads (group scores
+    #   summed) | head: KV-head channels, a top-k per query head | query-labels: label channels and a top-k per
+    #   query head (the reference; label cache [H, r] per token)
     study: bool = False  # forwards WITHOUT a DSCache (perplexity) run the accuracy-study path; else dense
 
     @classmethod
@@ -174,7 +175,10 @@ def double_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         ch = kv_label_channels(labels, key.shape[1], r).to(query.device).repeat_interleave(groups, 0)
     q_lab = fake_quant(gather_channels(query, ch).float(), cfg.label_bits)
     k_lab = gather_channels(kr, ch).float()
-    k_lab = k_lab.half().float() if cfg.label_bits >= 16 else fake_quant(k_lab, cfg.label_bits)  # as cached
+    if cfg.label_bits == 16:  # as cached: fp16, 2..8-bit codes, or fp32 as is
+        k_lab = k_lab.half().float()
+    elif cfg.label_bits < 16:
+        k_lab = fake_quant(k_lab, cfg.label_bits)
     allowed, bias = _allowed_and_bias(attention_mask, b, Lq, Lk, query.device, query.dtype)
     neg = torch.finfo(query.dtype).min
     sm_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # softmax in >= fp32
@@ -288,7 +292,7 @@ def install(model, labels: dict[int, torch.Tensor] | list[torch.Tensor], cfg: DS
         attn.ds_labels = None if lab is None else torch.as_tensor(lab, dtype=torch.long)
         attn.ds_cfg = cfg
         sparse = attn.ds_labels is not None and i >= cfg.dense_layers
-        channels.append(kv_label_channels(attn.ds_labels, kvh, r) if sparse else None)
+        channels.append(runtime_channels(attn.ds_labels, cfg.selection, H, kvh, r) if sparse else None)
     model.ds_channels, model.ds_cfg = channels, cfg
     _set_impl(model, IMPL)
     if not hasattr(model, "_ds_orig_prepare"):
@@ -304,6 +308,14 @@ def install(model, labels: dict[int, torch.Tensor] | list[torch.Tensor], cfg: DS
         model._prepare_cache_for_generation = types.MethodType(_prepare, model)
 
 
+def runtime_channels(labels: torch.Tensor, selection: str, heads: int, kv_heads: int, r: int) -> torch.Tensor:
+    """The label-cache channels of one layer: ``[heads, r]`` per query head for ``selection="query-labels"``
+    (rows of ``labels`` repeated when they are per KV head), else ``[kv_heads, r]`` (`kv_label_channels`)."""
+    if selection == "query-labels":
+        return label_channels(labels, r, heads).contiguous()
+    return kv_label_channels(labels, kv_heads, r)
+
+
 def _takes_cache(model) -> bool:
     import inspect
 
@@ -311,7 +323,8 @@ def _takes_cache(model) -> bool:
 
 
 def make_cache(model) -> DSCache:
-    """A fresh `DSCache` for a model prepared by `install` (label channels per KV head, label bits)."""
+    """A fresh `DSCache` for a model prepared by `install` (label channels per query head or KV head, as the
+    selection needs; label bits). A cache serves the selection it was made for."""
     return DSCache(model.ds_channels, model.ds_cfg.label_bits)
 
 
@@ -357,7 +370,8 @@ def load_labels(path: str | Path, channel_type: str | None = None) -> tuple[dict
     if p.is_dir():
         p = p / OURS
     data = json.loads(p.read_text())
-    cfg = DSConfig.from_dict(data.get("settings", {}))
+    settings = data.get("settings", {})
+    cfg = DSConfig.from_dict({"selection": "kv", **settings})  # files written before the setting: per KV head
     t = channel_type or cfg.channel_type
     cfg.channel_type = t
     labels = {int(i): torch.tensor(v, dtype=torch.long) for i, v in data["labels"][t].items()}

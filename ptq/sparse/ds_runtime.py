@@ -4,18 +4,24 @@ tokens (Yang et al., arXiv 2408.07092, the e2e kernel's ``k_label`` cache; here 
 Per decoder layer `DSLayer` holds, for ``S`` cached tokens (capacity doubles, so an append is amortized O(1)):
 
 * ``keys, values [b, Hkv, cap, d]`` post-RoPE (contiguous: row ``(b*Hkv + g)*cap + t`` of the flat view);
-* the **label cache** ``[b, Hkv, r, cap]``: the r label channels ``C_g`` of each cached key of KV head g,
-  channels-major so that scoring is one contiguous matmul; fp16 (``label_bits=16``) or 4-bit codes packed two
-  per byte (``[b, Hkv, r/2, cap]``) with a per-token fp16 step and minimum (``label_bits=4``;
-  ``x ~ code * step + min``, the reference's per-vector min/max quantizer).
+* the **label cache** ``[b, R, r, cap]`` with ``R`` label rows: one per query head (``R = H``, channels
+  ``C_h``, the reference's layout) or one per KV head (``R = Hkv``, channels ``C_g``). Row ``j`` holds the r
+  label channels of each cached key of KV head ``j // (R / Hkv)``, channels-major so that scoring is one
+  contiguous matmul; fp32 (``label_bits=32``: scored as stored, no conversion per step), fp16
+  (``label_bits=16``) or 4-bit codes packed two per byte (``[b, R, r/2, cap]``) with a
+  per-token fp16 step and minimum (``label_bits=4``; ``x ~ code * step + min``, the reference's per-vector
+  min/max quantizer).
 
-Decode (one query token, ``q [b, H, 1, d]``, group ``G = H / Hkv`` query heads per KV head g)::
+Decode (one query token, ``q [b, H, 1, d]``, group ``G = H / Hkv`` query heads per KV head g(h))::
 
-    s~[g, t]   = sum_{h in group g} Q(q_h[C_g]) . L[g, t]       one batched matmul over the label cache
-    T_g        = top-k_t s~[g, t]                                shared by the G heads of the group
-    o_h        = softmax(q_h K[g, T_g]^T * scaling) V[g, T_g]    rows gathered by KV-head index, no repeat_kv
+    selection="query-labels" (R = H):  s~[h, t] = Q(q_h[C_h]) . L[h, t]          T_h = top-k_t s~[h, t]
+    selection="head"         (R = Hkv): s~[h, t] = Q(q_h[C_g(h)]) . L[g(h), t]   T_h = top-k_t s~[h, t]
+    selection="kv"           (R = Hkv): s~[g, t] = sum_{h in g} Q(q_h[C_g]) . L[g, t]   T_g shared by the group
+    o_h = softmax(q_h K[g(h), T_h]^T * scaling) V[g(h), T_h]     rows read by KV-head index, no repeat_kv
 
-With ``selection="head"`` each query head keeps its own top-k (``s~[h, t] = Q(q_h[C_g]) . L[g, t]``).
+Per-query-head selections run one batched top-k over ``[b*H, S]`` scores, one ``index_select`` of the ``b*H*k``
+key rows from the flat K buffer, one ``bmm`` for the scores of all heads, and ``embedding_bag`` (weighted sum of
+the selected value rows, weights = the softmax) for the output, so the selected V rows are never copied.
 Prefill (more than one query token), layers below ``dense_layers`` and caches with ``S <= max(sparse_threshold,
 k)`` run dense sdpa on the cached K/V: the sparse path never scores a full ``[Lq, S]`` matrix.
 """
@@ -70,7 +76,8 @@ def kv_label_channels(labels: torch.Tensor, kv_heads: int, r: int) -> torch.Tens
 
 
 class DSLayer(CacheLayerMixin):
-    """One decoder layer of a `DSCache`. ``channels [Hkv, r]`` (None: a dense layer, no label cache)."""
+    """One decoder layer of a `DSCache`. ``channels [R, r]``, R = KV heads or query heads (a multiple of the KV
+    heads; None: a dense layer, no label cache)."""
 
     is_sliding = False
     is_compileable = False
@@ -78,12 +85,13 @@ class DSLayer(CacheLayerMixin):
 
     def __init__(self, channels: torch.Tensor | None, label_bits: int = 16):
         super().__init__()
-        if label_bits != 16 and not 2 <= label_bits <= 8:
-            raise ValueError(f"label_bits must be 16 or 2..8, got {label_bits}")
+        if label_bits not in (16, 32) and not 2 <= label_bits <= 8:
+            raise ValueError(f"label_bits must be 32, 16 or 2..8, got {label_bits}")
         self.channels, self.label_bits = channels, label_bits
         self.n = 0
         self.keys = self.values = None
         self.lab = self.lab_step = self.lab_lo = None
+        self._index = {}  # decode index tensors per shape (query-label channels, row bases, bag offsets)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -116,25 +124,29 @@ class DSLayer(CacheLayerMixin):
             self.keys = key_states.new_empty(b, hkv, 0, d)
             self.values = value_states.new_empty(b, hkv, 0, d)
             if self.channels is not None:
-                r = self.channels.shape[1]
+                R, r = self.channels.shape
+                if R % hkv:
+                    raise ValueError(f"{R} label rows cannot map onto {hkv} KV heads")
                 self.channels = self.channels.to(key_states.device)
-                if self.label_bits == 16:
-                    self.lab = key_states.new_empty(b, hkv, r, 0, dtype=torch.float16)
+                if self.label_bits >= 16:
+                    dt = torch.float16 if self.label_bits == 16 else torch.float32
+                    self.lab = key_states.new_empty(b, R, r, 0, dtype=dt)
                 else:
                     packed = -(-r // 2) if self.label_bits == 4 else r
-                    self.lab = key_states.new_empty(b, hkv, packed, 0, dtype=torch.uint8)
-                    self.lab_step = key_states.new_empty(b, hkv, 1, 0, dtype=torch.float16)
-                    self.lab_lo = key_states.new_empty(b, hkv, 1, 0, dtype=torch.float16)
+                    self.lab = key_states.new_empty(b, R, packed, 0, dtype=torch.uint8)
+                    self.lab_step = key_states.new_empty(b, R, 1, 0, dtype=torch.float16)
+                    self.lab_lo = key_states.new_empty(b, R, 1, 0, dtype=torch.float16)
         q = key_states.shape[2]
         self._grow(self.n + q)
         s, e = self.n, self.n + q
         self.keys[:, :, s:e] = key_states
         self.values[:, :, s:e] = value_states
         if self.channels is not None:
-            b, hkv, _, _ = key_states.shape
-            ch = self.channels[None, :, None, :].expand(b, hkv, q, self.channels.shape[1])
-            kl = key_states.gather(-1, ch)  # [b, Hkv, q, r]
-            if self.label_bits == 16:
+            b, hkv, _, d = key_states.shape
+            R, r = self.channels.shape
+            ch = self.channels.view(1, hkv, R // hkv, 1, r).expand(b, hkv, R // hkv, q, r)
+            kl = key_states[:, :, None].expand(b, hkv, R // hkv, q, d).gather(-1, ch).view(b, R, q, r)
+            if self.label_bits >= 16:
                 self.lab[..., s:e] = kl.transpose(-1, -2)
             else:
                 codes, step, lo = quant_labels(kl, self.label_bits)
@@ -145,20 +157,42 @@ class DSLayer(CacheLayerMixin):
         setattr(k, LABEL_ATTR, self)
         return k, v
 
+    def decode_index(self, kind: str, b: int, H: int, n: int) -> torch.Tensor | tuple:
+        """Index tensors of a decode step, built once per shape (and K/V capacity). ``"q"``: ``[H*r]`` flat
+        positions ``h*d + C_row(h)[c]`` in ``q [b, H*d]`` (``n = d``), row = ``h // (H/R)``. ``"rows"``: the flat
+        K/V row of token 0 of each query head's KV head ``[b*H, 1]``, the bag offsets ``[b*H]`` (bags of k rows)
+        and ``arange(b*H*k)`` (bags of one row) (``n = k``)."""
+        cap = self.keys.shape[2]
+        key = (kind, b, H, n, cap)
+        hit = self._index.get(key)
+        if hit is None:
+            dev = self.keys.device
+            if kind == "q":
+                R, r = self.channels.shape
+                head = torch.arange(H, device=dev)
+                hit = (head[:, None] * n + self.channels[head // (H // R)]).reshape(-1)
+            else:
+                hkv = self.keys.shape[1]
+                heads = torch.arange(b * H, device=dev)
+                hit = (((heads // H) * hkv + (heads % H) // (H // hkv)) * cap)[:, None], heads * n, \
+                    torch.arange(b * H * n, device=dev)
+            self._index[key] = hit
+        return hit
+
     def label_scores(self, ql: torch.Tensor) -> torch.Tensor:
-        """``ql [b, Hkv, m, r]`` float query labels -> approximate scores ``[b, Hkv, m, S]`` from the label cache
+        """``ql [b, R, m, r]`` float query labels -> approximate scores ``[b, R, m, S]`` from the label cache
         alone (one batched matmul; 4-bit: ``step_t * (ql . codes_t) + lo_t * sum(ql)``, no dequantized copy)."""
         S = self.n
-        if self.label_bits == 16:
+        if self.label_bits >= 16:
             return torch.matmul(ql, self.lab[..., :S].float())
         codes = unpack_codes(self.lab[..., :S], self.label_bits, self.channels.shape[1])
         sc = torch.matmul(ql, codes.float())
         return sc * self.lab_step[..., :S].float() + ql.sum(-1, keepdim=True) * self.lab_lo[..., :S].float()
 
     def labels(self) -> torch.Tensor:
-        """The label cache as float ``[b, Hkv, S, r]`` (dequantized)."""
+        """The label cache as float ``[b, R, S, r]`` (dequantized)."""
         S = self.n
-        if self.label_bits == 16:
+        if self.label_bits >= 16:
             return self.lab[..., :S].float().transpose(-1, -2)
         codes = unpack_codes(self.lab[..., :S], self.label_bits, self.channels.shape[1])
         return (codes.float() * self.lab_step[..., :S].float() + self.lab_lo[..., :S].float()).transpose(-1, -2)
@@ -218,7 +252,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, r: int) -> torch.Tensor:
 
 
 class DSCache(Cache):
-    """`Cache` of `DSLayer`: ``channels[i] [Hkv, r]`` per layer (None = dense layer)."""
+    """`Cache` of `DSLayer`: ``channels[i] [R, r]`` per layer (R = KV heads or query heads; None = dense layer)."""
 
     def __init__(self, channels: list[torch.Tensor | None], label_bits: int = 16):
         super().__init__(layers=[DSLayer(c, label_bits) for c in channels])
@@ -232,16 +266,17 @@ class DSCache(Cache):
 
 
 def top_k_indices(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries along the last dim, unordered. On CPU numpy's introselect
-    (``argpartition``, O(S)) is 3-4x faster than ``torch.topk`` at 16k-32k entries; elsewhere ``torch.topk``."""
+    """Indices of the k largest entries along the last dim. On CPU numpy's introselect (``argpartition``, O(S);
+    3-4x faster than ``torch.topk`` at 16k-32k entries), returned in ascending order (a sort of k entries, so
+    that the gathers read K/V rows in memory order); elsewhere ``torch.topk``, unordered."""
     S = x.shape[-1]
     if k >= S:
         return torch.arange(S, device=x.device).expand(*x.shape[:-1], S)
     if x.device.type == "cpu" and x.dtype == torch.float32:
         import numpy as np
 
-        part = np.argpartition(x.detach().numpy(), S - k, axis=-1)[..., S - k:]
-        return torch.from_numpy(np.ascontiguousarray(part)).long()
+        part = np.sort(np.argpartition(x.detach().numpy(), S - k, axis=-1)[..., S - k:], axis=-1)
+        return torch.from_numpy(part).long()
     return x.topk(k, -1, sorted=False).indices
 
 
@@ -250,37 +285,67 @@ def sparse_decode(query: torch.Tensor, layer: DSLayer, heavy_tokens: int, scalin
                   selection: str = "kv", allowed: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of Double Sparsity from a `DSLayer`. ``query [b, H, 1, d]`` -> ``[b, H, 1, d]``.
 
-    ``allowed [b, S]`` bool (padding) or None. Reads the label cache ``[b, Hkv, S, r]`` and ``2 k`` rows of K/V
-    per KV head (``selection="kv"``) or per query head (``"head"``)."""
+    ``allowed [b, S]`` bool (padding) or None. Reads the label cache ``[b, R, S, r]`` and ``2 k`` rows of K/V
+    per KV head (``selection="kv"``) or per query head (``"head"``, ``"query-labels"``). ``"query-labels"``
+    needs a layer with one label row per query head, the others one per KV head."""
+    b, H, _, d = query.shape
+    hkv, S = layer.keys.shape[1], layer.n
+    kk = min(heavy_tokens, S)
+    ch = layer.channels
+    R, r = ch.shape
+    if (R == H) != (selection == "query-labels") and H != hkv:
+        raise ValueError(f"selection {selection!r} needs {'query' if selection == 'query-labels' else 'KV'}-head "
+                         f"label rows; this cache has {R} (H={H}, Hkv={hkv})")
+    qidx = layer.decode_index("q", b, H, d)  # [H*r] flat channels: q_h[C_row(h)] for every query head h
+    ql = fake_quant(query.reshape(b, H * d).index_select(1, qidx).view(b, R, H // R, r).float(), label_bits)
+    if selection == "kv":
+        approx = layer.label_scores(ql.sum(2, keepdim=True))  # [b, Hkv, 1, S]
+        if allowed is not None:
+            approx = approx.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        return _attend_shared(query, layer, top_k_indices(approx, kk), scaling, allowed)
+    approx = layer.label_scores(ql).view(b, H, S)  # [b, H, S]: one row of scores per query head
+    if allowed is not None:
+        approx = approx.masked_fill(~allowed[:, None, :], float("-inf"))
+    return _attend_per_head(query, layer, top_k_indices(approx, kk), scaling, allowed)
+
+
+def _softmax_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # softmax in >= fp32
+
+
+def _attend_shared(query, layer, idx, scaling, allowed):
+    """Exact attention of the G query heads of each KV head over the shared rows ``idx [b, Hkv, 1, k]``."""
     b, H, _, d = query.shape
     K, V = layer.keys, layer.values
     hkv, cap, S = K.shape[1], K.shape[2], layer.n
-    g = H // hkv
-    kk = min(heavy_tokens, S)
-    ch = layer.channels
-    r = ch.shape[1]
-    q = query.view(b, hkv, g, d)
-    ql = fake_quant(q.gather(-1, ch[None, :, None, :].expand(b, hkv, g, r)).float(), label_bits)  # [b,Hkv,G,r]
-    if selection == "kv":
-        ql = ql.sum(2, keepdim=True)  # [b, Hkv, 1, r]
-    approx = layer.label_scores(ql)  # [b, Hkv, 1|G, S]
-    if allowed is not None:
-        approx = approx.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    idx = top_k_indices(approx, kk)  # [b, Hkv, 1|G, k]
     base = (torch.arange(b * hkv, device=idx.device) * cap).view(b, hkv, 1, 1)
     flat = (idx + base).reshape(-1)
-    ks = K.reshape(-1, d).index_select(0, flat).view(*idx.shape, d)  # [b, Hkv, 1|G, k, d]
-    vs = V.reshape(-1, d).index_select(0, flat).view(*idx.shape, d)
-    if selection == "kv":
-        sc = torch.matmul(q, ks.squeeze(2).transpose(-1, -2)) * scaling  # [b, Hkv, G, k]
-    else:
-        sc = torch.matmul(q.unsqueeze(-2), ks.transpose(-1, -2)).squeeze(-2) * scaling
+    ks = K.reshape(-1, d).index_select(0, flat).view(b, hkv, -1, d)  # [b, Hkv, k, d]
+    vs = V.reshape(-1, d).index_select(0, flat).view(b, hkv, -1, d)
+    sc = torch.matmul(query.view(b, hkv, H // hkv, d), ks.transpose(-1, -2)) * scaling  # [b, Hkv, G, k]
     if allowed is not None:
-        ok = allowed[:, None, None, :].expand(b, hkv, idx.shape[2], S).gather(-1, idx)
+        ok = allowed[:, None, None, :].expand(b, hkv, 1, S).gather(-1, idx)
         sc = sc.masked_fill(~ok, torch.finfo(sc.dtype).min)
-    p = F.softmax(sc, dim=-1, dtype=torch.float32).to(query.dtype)
-    if selection == "kv":
-        out = torch.matmul(p, vs.squeeze(2))  # [b, Hkv, G, d]
-    else:
-        out = torch.matmul(p.unsqueeze(-2), vs).squeeze(-2)
-    return out.reshape(b, H, 1, d)
+    p = F.softmax(sc, dim=-1, dtype=_softmax_dtype(query)).to(query.dtype)
+    return torch.matmul(p, vs).reshape(b, H, 1, d)
+
+
+def _attend_per_head(query, layer, idx, scaling, allowed):
+    """Exact attention of each query head h over its own rows ``idx [b, H, k]`` of KV head ``h // G``: the key
+    rows gathered once (``embedding_bag`` with bags of one row: its CPU kernel prefetches rows, faster than
+    ``index_select`` when K is not in cache), one bmm for every head's scores, and ``embedding_bag`` for
+    ``sum_t p[h, t] V[g(h), t]`` (the value rows are read in place, not copied)."""
+    b, H, _, d = query.shape
+    K, V = layer.keys, layer.values
+    S, kk = layer.n, idx.shape[-1]
+    base, offsets, rows = layer.decode_index("rows", b, H, kk)
+    flat = (idx.reshape(b * H, kk) + base).view(-1)
+    ks = F.embedding_bag(flat, K.view(-1, d), rows, mode="sum").view(b * H, kk, d)  # bags of one row: a gather
+    sc = torch.bmm(query.reshape(b * H, 1, d), ks.transpose(1, 2)).view(b * H, kk)
+    sc.mul_(scaling)
+    if allowed is not None:
+        ok = allowed[:, None, :].expand(b, H, S).gather(-1, idx).view(b * H, kk)
+        sc = sc.masked_fill(~ok, torch.finfo(sc.dtype).min)
+    p = F.softmax(sc, dim=-1, dtype=_softmax_dtype(query)).to(query.dtype)
+    out = F.embedding_bag(flat, V.view(-1, d), offsets, mode="sum", per_sample_weights=p.view(-1))
+    return out.view(b, H, 1, d)
