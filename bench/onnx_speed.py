@@ -5,7 +5,7 @@ ONNX models themselves (first ``--windows`` 512-token windows, no BOS, the expor
 
     ptq compress smollm2-135m --recipe gptq --bits 4 --group-size 32 --sym --format gptq --out OUT
     python bench/onnx_speed.py --compressed OUT [--compressed OUT2 ...] --peer-python PEER_VENV/bin/python \
-        --embed-bits 4 --embed-method gptq --embed-sym [--builder-extra int4_block_size=128] [--build-only]
+        --embed-bits 4 --embed-method gptq [--embed-sym auto] [--builder-extra block_size=64] [--build-only]
 
 Several ``--compressed`` folders are exported and timed in the same run (variants ``ptq int4 (<folder name>)``).
 ``--build-only`` builds the ONNX folders and their perplexities (cached in the work folder, ``ppl_<windows>x<seqlen>
@@ -139,6 +139,13 @@ def cached_ppl(d: Path, windows, threads: int, n: int, seqlen: int) -> float:
     return ppl
 
 
+def embed_sym(compressed: Path, mode: str) -> bool:
+    """``--embed-sym`` for one checkpoint: yes / no, or auto = the checkpoint's own ``spec.sym``."""
+    if mode != "auto":
+        return mode == "yes"
+    return bool(json.loads((compressed / "report.json").read_text())["spec"]["sym"])
+
+
 def build_fp32(src: Path, out: Path) -> None:
     """fp32 fused graph of the source model (no quantized weights) + genai layout."""
     from cli.export_cmd import COPY_FILES
@@ -226,11 +233,12 @@ def main():
                     "int4 source; repeat for several in one run)")
     ap.add_argument("--peer-python", help="interpreter with onnxruntime-genai (builder + genai rows)")
     ap.add_argument("--builder-extra", action="append", default=[],
-                    help="extra builder configuration(s), e.g. int4_block_size=128 (default build always runs)")
+                    help="extra builder configuration(s), e.g. block_size=64 (onnxruntime-genai 0.18; the default build always runs)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ptq_onnx_speed"))
     ap.add_argument("--embed-bits", type=int, default=4)
     ap.add_argument("--embed-method", default="rtn", help="quantizer of the ptq embedding / lm_head (ptq.head_quant)")
-    ap.add_argument("--embed-sym", action="store_true", help="symmetric ptq embedding / lm_head (no zero points)")
+    ap.add_argument("--embed-sym", choices=["no", "yes", "auto"], default="no", help="symmetric ptq embedding / "
+                    "lm_head (no zero points); auto: as the checkpoint's own weights (report.json spec.sym)")
     ap.add_argument("--build-only", action="store_true", help="build the folders and perplexities, no timing")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
@@ -275,7 +283,7 @@ def main():
         if not dirs[name].exists():
             t = time.time()
             rep = export_onnx_dir(c, dirs[name], accuracy_level=4, embed_bits=a.embed_bits,
-                                  embed_method=a.embed_method, embed_sym=a.embed_sym)
+                                  embed_method=a.embed_method, embed_sym=embed_sym(c, a.embed_sym))
             built[name] = {"export_s": round(time.time() - t, 1), "graph": rep["graph"],
                            "validation": {k: v for k, v in rep["validation"].items() if "torch" not in k}}
             (dirs[name] / "bench_build.json").write_text(json.dumps(built[name]))
@@ -347,7 +355,7 @@ def main():
             row["build"] = built[name]
         if name in ptq_dirs:
             row["source"] = (f"ptq compress --format gptq ({ptq_dirs[name].name}), --embed-bits {a.embed_bits} "
-                             f"--embed-method {a.embed_method}" + (" --embed-sym" if a.embed_sym else ""))
+                             f"--embed-method {a.embed_method}" + (" --embed-sym" if embed_sym(ptq_dirs[name], a.embed_sym) else ""))
         print(json.dumps(row))
         if not a.no_log:
             append("onnx_speed", row, command=f"python bench/onnx_speed.py {clean_args(sys.argv[1:], a)}")

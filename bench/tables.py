@@ -514,16 +514,20 @@ def cskv_generate():
 # --- checking and writing ----------------------------------------------------------------------------------------
 
 
-def _onnx_speed_body(quiet: bool) -> list[list[str]]:
+def _onnx_speed_body(newest: bool) -> list[list[str]]:
+    """Rows of the newest run (``newest``: the last row's command), else of the earlier runs."""
+    rs = rows("onnx_speed")
+    last = rs[-1].get("command") if rs else None
     body = []
-    for r in latest(rows("onnx_speed"), "command", "variant", "runtime").values():
-        if bool(r.get("exclusive_machine")) != quiet:
+    for r in latest(rs, "command", "variant", "runtime").values():
+        if (r.get("command") == last) != newest:
             continue
         ratio = r.get("decode_vs_builder_int4_same_runtime")
         cmd = r.get("command", "").split()
         emb = cmd[cmd.index("--embed-bits") + 1] if "--embed-bits" in cmd else "4"
         meth = cmd[cmd.index("--embed-method") + 1] if "--embed-method" in cmd else "rtn"
-        meth += " sym" if "--embed-sym" in cmd else ""
+        sym = cmd[cmd.index("--embed-sym") + 1] if "--embed-sym" in cmd else "no"
+        meth += {"no": "", "yes": " sym", "auto": " (sym as the body)"}.get(sym, " sym")
         src = " + ".join(cmd[i + 1] for i, x in enumerate(cmd) if x == "--compressed") or "?"
         rounds = f", {r['rounds']} rounds x {r['reps']} reps" if r.get("rounds", 1) > 1 else ""
         body.append([f"{src}, --embed-bits {emb} {meth}{rounds}", r["variant"], r["runtime"],
@@ -540,18 +544,18 @@ ONNX_SPEED_HEAD = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (
 def onnx_speed():
     """bench/onnx_speed.py (docs/onnx.md): SmolLM2 ONNX decode speed, prefill, peak RSS, size and wikitext-2
     perplexity of the ONNX model, fp32 / ptq int4 (fused graph) / onnxruntime-genai builder int4, both runtimes;
-    runs that held the whole machine (``PTQ_HEAVY_EXCLUSIVE``)."""
+    the newest run."""
     if not (RESULTS / "onnx_speed.jsonl").exists():
         return ONNX_SPEED_HEAD, []
-    return ONNX_SPEED_HEAD, _onnx_speed_body(quiet=True)
+    return ONNX_SPEED_HEAD, _onnx_speed_body(newest=True)
 
 
-@renderer("onnx_speed_shared")
-def onnx_speed_shared():
-    """The same table, earlier runs on the shared (loaded) machine."""
+@renderer("onnx_speed_earlier")
+def onnx_speed_earlier():
+    """The same table, the earlier runs."""
     if not (RESULTS / "onnx_speed.jsonl").exists():
         return ONNX_SPEED_HEAD, []
-    return ONNX_SPEED_HEAD, _onnx_speed_body(quiet=False)
+    return ONNX_SPEED_HEAD, _onnx_speed_body(newest=False)
 
 
 def render(name: str) -> list[str]:
