@@ -49,7 +49,7 @@ class LearnedLinear:
     """Learnable rounding offsets and clip multipliers of one linear, initialised from a `QuantizedWeight`."""
 
     def __init__(self, w: torch.Tensor, qw: QuantizedWeight, learn_clip: bool, start: torch.Tensor | None = None,
-                 margin: float = 1e-3):
+                 margin: float = 0.15):
         self.w = w.detach().float()  # [N, K] fp weights
         self.qw0 = qw
         self.bits, self.sym, self.g_idx = qw.bits, qw.sym, qw.g_idx
@@ -291,7 +291,7 @@ class _Stacker:
             idx = list(range(min(len(batches), max(2, batch))))
             try:
                 with torch.no_grad():
-                    got = self.forward(layer, idx, None, force=True)
+                    got = self.forward(layer, idx, None)
                     ref = torch.cat([layer_forward(layer, batches[i]) for i in idx])
                 scale = float(ref.float().abs().max()) + 1e-6
                 self.stacked = bool(float((got.float() - ref.float()).abs().max()) <= 1e-4 * scale)
@@ -312,9 +312,8 @@ class _Stacker:
     def split(self, out: torch.Tensor, idx: list[int]) -> list[torch.Tensor]:
         return list(out.split([self.batches[i].hidden.shape[0] for i in idx]))
 
-    def forward(self, layer, idx: list[int], weights: dict | None, force: bool = False) -> torch.Tensor:
-        if len(idx) > 1 and not (self.stacked or force):
-            raise ValueError("these batches cannot run as one stack")
+    def forward(self, layer, idx: list[int], weights: dict | None) -> torch.Tensor:
+        """The layer on the batches ``idx`` stacked (callers take ``idx`` from `group` / `chunks`)."""
         b0 = self.batches[idx[0]]
         b = Batch(self.cat([x.hidden for x in self.batches], idx), b0.kwargs, b0.attn)
         return layer_forward(layer, b) if weights is None else _forward(layer, weights, b)
