@@ -5,7 +5,7 @@ dense:  F.scaled_dot_product_attention(q [1,H,1,d], K/V [1,Hkv,S,d], enable_gqa=
         path runs in decode) and the same as two batched matmuls per KV head; the faster one is the reference.
 DS:     `ptq.sparse.ds_runtime.sparse_decode` on a filled `DSLayer`: label scores as one matmul over the label
         cache (fp32, fp16, or 4-bit codes), a batched top-k (numpy introselect), rows of K/V read by KV-head index.
-        ``query-labels`` (the run-time default): each query head's own channels and a top-k per query head,
+        ``query-labels`` (the reference layout): each query head's own channels and a top-k per query head,
         with the per-query-head label cache [H, r, S] or the union label cache [Hkv, U, S] (``union``: per KV
         head the union of its query heads' channels, each head's query vector zero outside its own); ``kv``: a
         label cache [Hkv, r, S] and one top-k per KV head shared by its query heads; ``head``: the KV-head label
