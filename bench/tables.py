@@ -139,6 +139,16 @@ def eval_vs_transformers():
     return ["windows", "scored tokens", "ptq eval", "transformers forward", "ratio"], body
 
 
+@renderer("rss_7b")
+def rss_7b():
+    """bench/rss_7b.py (README): peak RSS of `ptq compress` on a random fp16 Llama with Llama-2-7B shapes."""
+    body = [[r["recipe"], r["format"], str(r["layers"]), f2(r["input_gib"]), f2(r["peak_rss_gib"]),
+             f2(r["max_anon_gib"]), f2(r["max_file_gib"]), f2(r["output_gib"]), f"{r['cpu_s']:.0f}"]
+            for r in latest(rows("rss_7b"), "recipe", "format", "layers").values()]
+    return (["recipe", "format", "layers", "input GiB (fp16)", "peak RSS GiB", "max anonymous GiB",
+             "max file-backed GiB", "output GiB", "CPU s"], body)
+
+
 @renderer("quickstart_cost")
 def quickstart_cost():
     """bench/quickstart_cost.py: the quick start's compress, from its report.json (CPU s, peak RSS, stages)."""
