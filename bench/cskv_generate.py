@@ -35,8 +35,8 @@ from results_log import append  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from calib.data import load_calibration, read_text, tokenize  # noqa: E402
-from ptq.kv.cskv import (CSKVConfig, asvd_factors, convert_model, expected_cache_bytes,  # noqa: E402
-                         set_config)
+from ptq.kv.cskv import CSKVConfig, convert_model, expected_cache_bytes, set_config  # noqa: E402
+from ptq.kv.cskv_fit import asvd_factors  # noqa: E402
 from ptq.kv.cskv_cache import dense_kv_bytes  # noqa: E402
 from ptq.model_io import full_model, tokenizer_for  # noqa: E402
 from ptq.models.smollm2 import ensure_cache  # noqa: E402

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calib.data import load_calibration, read_text, tokenize  # noqa: E402
 from ptq.eval.metrics import eval_windows, model_metrics  # noqa: E402
-from ptq.kv.cskv import (CSKVConfig, asvd_factors, asymptotic_bytes_per_token, convert_model,  # noqa: E402
-                         fit_factors, make_cache, recon_error, set_config)
+from ptq.kv.cskv import (CSKVConfig, asymptotic_bytes_per_token, convert_model, make_cache,  # noqa: E402
+                         set_config)
+from ptq.kv.cskv_fit import asvd_factors, fit_factors, recon_error  # noqa: E402
 from ptq.kv.cskv_cache import dense_kv_bytes  # noqa: E402
 from ptq.model_io import full_model, tokenizer_for  # noqa: E402
 from ptq.models.smollm2 import ensure_cache  # noqa: E402

@@ -5,16 +5,21 @@ dense:  F.scaled_dot_product_attention(q [1,H,1,d], K/V [1,Hkv,S,d], enable_gqa=
         path runs in decode) and the same as two batched matmuls per KV head; the faster one is the reference.
 DS:     `ptq.sparse.ds_runtime.sparse_decode` on a filled `DSLayer`: label scores as one matmul over the label
         cache (fp32, fp16, or 4-bit codes), a batched top-k (numpy introselect), rows of K/V read by KV-head index.
-        ``query-labels`` (the run-time default): a label cache [H, r, S] with each query head's own channels
-        (random here: the worst case for the bytes, no channel shared within a group) and a top-k per query
-        head; ``kv``: a label cache [Hkv, r, S] and one top-k per KV head shared by its query heads; ``head``:
-        the KV-head label cache with a top-k per query head.
+        ``query-labels`` (the reference layout): each query head's own channels and a top-k per query head,
+        with the per-query-head label cache [H, r, S] or the union label cache [Hkv, U, S] (``union``: per KV
+        head the union of its query heads' channels, each head's query vector zero outside its own); ``kv``: a
+        label cache [Hkv, r, S] and one top-k per KV head shared by its query heads; ``head``: the KV-head label
+        cache with a top-k per query head.
+        Channels: random per query head by default (the worst case for the union: no channel shared within a
+        group, U = G r), or with ``--labels FOLDER`` the calibrated ``qk`` channels of one layer of a
+        ``ptq compress --recipe double-sparsity`` folder (``--layer``; default: the sparse layer with the median U).
 
 Timings: thread CPU time (unaffected by waiting for a core on a loaded machine), ``--reps`` interleaved
 repetitions (all variants inside each repetition), each the mean of ``--inner`` calls; median over repetitions;
 torch threads 1. Rows go to ``bench/results/ds_attention_speed.jsonl``.
 
     python bench/ds_attention_speed.py --lengths 4096,8192,16384,32768
+    python bench/ds_attention_speed.py --lengths 4096,8192,16384,32768 --labels out/smollm2-ds
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_log import append  # noqa: E402
 
-from ptq.sparse.ds_runtime import DSLayer, sparse_decode  # noqa: E402
+from ptq.sparse.ds_runtime import DSLayer, sparse_decode, union_rows  # noqa: E402
 
 TABLE = "ds_attention_speed"
 
@@ -56,13 +61,25 @@ def main():
     ap.add_argument("--rdiv", type=int, default=8, help="r = d / rdiv")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--labels", default=None, help="folder with double_sparsity.json: calibrated qk channels")
+    ap.add_argument("--layer", type=int, default=None, help="with --labels: the layer (default: median U)")
     ap.add_argument("--no-log", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     H, Hkv, d = 9, 3, 64
     G, scale, r = H // Hkv, d**-0.5, d // args.rdiv
     gen = torch.Generator().manual_seed(0)
-    ds_names = ("DS query-labels fp32", "DS query-labels fp16", "DS query-labels 4-bit", "DS kv fp16", "DS kv 4-bit", "DS head fp16")
+    cal, layer_i = None, None
+    if args.labels:
+        from ptq.sparse.double_sparsity import load_labels
+
+        labels, _ = load_labels(args.labels, "qk")
+        sparse = {i: lab[:, :r] for i, lab in labels.items() if i >= 2}  # the first 2 layers run dense
+        us = sorted((union_rows(c, Hkv), i) for i, c in sparse.items())
+        layer_i = args.layer if args.layer is not None else us[len(us) // 2][1]
+        cal = labels[layer_i][:, :r].contiguous()
+    ds_names = ("DS query-labels fp32", "DS query-labels fp16", "DS query-labels 4-bit", "DS query-labels union fp32",
+                "DS query-labels union fp16", "DS kv fp16", "DS kv 4-bit", "DS head fp16")
     print("| S | k | r | dense sdpa ms | dense bmm ms | " + " | ".join(f"{n} ms" for n in ds_names) + " | "
           + " | ".join(f"speedup {n[3:]}" for n in ds_names) + " |")
     print("|---" * (5 + 2 * len(ds_names)) + "|")
@@ -71,22 +88,33 @@ def main():
         K, V = torch.randn(1, Hkv, S, d, generator=gen), torch.randn(1, Hkv, S, d, generator=gen)
         q = torch.randn(1, H, 1, d, generator=gen)
         ch = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(H)])  # per query head
+        if cal is not None:
+            ch = cal
+        U = union_rows(ch, Hkv)
         layers = {}
-        for rows, bits in ((Hkv, 16), (Hkv, 4), (H, 32), (H, 16), (H, 4)):
-            lay = DSLayer(ch[:rows].clone(), bits)
+        for rows, bits, union in ((Hkv, 16, False), (Hkv, 4, False), (H, 32, False), (H, 16, False), (H, 4, False),
+                                  (H, 32, True), (H, 16, True)):
+            lay = DSLayer(ch[:rows].clone(), bits, union)
             for s in range(0, S, 4096):  # filled in prefill-sized chunks
                 lay.update(K[:, :, s:s + 4096], V[:, :, s:s + 4096])
-            layers[rows, bits] = lay
+            layers[rows, bits, union] = lay
+        lab_bytes = {n: layers[k].nbytes()["labels"] // S for n, k in (
+            ("DS query-labels fp32", (H, 32, False)), ("DS query-labels fp16", (H, 16, False)),
+            ("DS query-labels 4-bit", (H, 4, False)), ("DS query-labels union fp32", (H, 32, True)),
+            ("DS query-labels union fp16", (H, 16, True)), ("DS kv fp16", (Hkv, 16, False)),
+            ("DS kv 4-bit", (Hkv, 4, False)), ("DS head fp16", (Hkv, 16, False)))}
         Kc, Vc, qg = K[0].contiguous(), V[0].contiguous(), q.view(Hkv, G, d)
         variants = {
             "dense sdpa": lambda: F.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True),
             "dense bmm": lambda: dense_bmm(qg, Kc, Vc, scale),
-            "DS query-labels fp32": lambda: sparse_decode(q, layers[H, 32], kk, scale, 32, "query-labels"),
-            "DS query-labels fp16": lambda: sparse_decode(q, layers[H, 16], kk, scale, 16, "query-labels"),
-            "DS query-labels 4-bit": lambda: sparse_decode(q, layers[H, 4], kk, scale, 4, "query-labels"),
-            "DS kv fp16": lambda: sparse_decode(q, layers[Hkv, 16], kk, scale, 16, "kv"),
-            "DS kv 4-bit": lambda: sparse_decode(q, layers[Hkv, 4], kk, scale, 4, "kv"),
-            "DS head fp16": lambda: sparse_decode(q, layers[Hkv, 16], kk, scale, 16, "head"),
+            "DS query-labels fp32": lambda: sparse_decode(q, layers[H, 32, False], kk, scale, 32, "query-labels"),
+            "DS query-labels fp16": lambda: sparse_decode(q, layers[H, 16, False], kk, scale, 16, "query-labels"),
+            "DS query-labels 4-bit": lambda: sparse_decode(q, layers[H, 4, False], kk, scale, 4, "query-labels"),
+            "DS query-labels union fp32": lambda: sparse_decode(q, layers[H, 32, True], kk, scale, 32, "query-labels"),
+            "DS query-labels union fp16": lambda: sparse_decode(q, layers[H, 16, True], kk, scale, 16, "query-labels"),
+            "DS kv fp16": lambda: sparse_decode(q, layers[Hkv, 16, False], kk, scale, 16, "kv"),
+            "DS kv 4-bit": lambda: sparse_decode(q, layers[Hkv, 4, False], kk, scale, 4, "kv"),
+            "DS head fp16": lambda: sparse_decode(q, layers[Hkv, 16, False], kk, scale, 16, "head"),
         }
         times = {n: [] for n in variants}
         for f in variants.values():
@@ -102,6 +130,8 @@ def main():
               + " | ".join(f"{sp[n]:.2f}" for n in ds_names) + " |", flush=True)
         if not args.no_log:
             append(TABLE, {"S": S, "k": kk, "r": r, "heads": H, "kv_heads": Hkv, "head_dim": d,
+                           "channels": "random" if cal is None else f"calibrated layer {layer_i}", "union_rows": U,
+                           "label_bytes_per_token": lab_bytes,
                            "ms": {n: round(v, 4) for n, v in ms.items()}, "dense_ms": round(dense, 4),
                            "speedup": {n: round(v, 3) for n, v in sp.items()},
                            "reps": args.reps, "inner": args.inner})

@@ -9,7 +9,9 @@ each run), ``--reps`` rounds with the variants interleaved:
 * ``double sparsity (head)`` with ``--head``: the same with one top-k per query head (``selection="head"``,
   KV-head labels; only with ``--selection kv``, which builds a KV-head label cache);
 * ``double sparsity``: label-cache sparse decode with ``--selection`` (default ``query-labels``: per-query-head
-  label channels ``qk`` and a top-k per query head; ``kv``: per-KV-head labels ``qk_kv``, one top-k per KV head),
+  label channels ``qk`` and a top-k per query head, label cache per ``--label-layout``: ``auto`` keeps the union
+  label cache in the layers where the group's channels overlap; ``kv``: per-KV-head labels ``qk_kv``, one top-k
+  per KV head),
   k = prompt/``--frac`` tokens, r = d/``--rdiv``, first ``--dense-layers`` layers dense.
 
 Tokens/s counts decode steps only (the first forward of generate processes the last prompt token), timed with
@@ -75,6 +77,7 @@ def main():
     ap.add_argument("--label-bits", type=int, default=16)
     ap.add_argument("--selection", default="query-labels", choices=["query-labels", "head", "kv"])
     ap.add_argument("--head", action="store_true", help="with --selection kv: also time selection='head'")
+    ap.add_argument("--label-layout", default="auto", choices=["auto", "per-head", "union"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -87,7 +90,7 @@ def main():
     ctype = "qk" if args.selection == "query-labels" else "qk_kv"
     model = load_double_sparsity(args.model, heavy_tokens=plen // args.frac, label_bits=args.label_bits,
                                  dense_layers=args.dense_layers, sparse_threshold=0, selection=args.selection,
-                                 channel_type=ctype)
+                                 channel_type=ctype, label_layout=args.label_layout)
     cfg = model.ds_cfg
     d = model.config.hidden_size // model.config.num_attention_heads
     cfg.heavy_channels = d // args.rdiv
@@ -148,6 +151,7 @@ def main():
     print(f"[{time.time() - t0:.0f}s] teacher forced: {tf}", flush=True)
     row = {"prompt_tokens": P, "new_tokens": args.new, "heavy_tokens": cfg.heavy_tokens, "r": cfg.heavy_channels,
            "label_bits": cfg.label_bits, "dense_layers": dense_layers, "selection": cfg.selection,
+           "label_layout": cfg.label_layout, "union_layers": sum(model.ds_union),
            "tokens_per_s_cpu": {n: round(v["cpu"], 3) for n, v in med.items()},
            "tokens_per_s_wall": {n: round(v["wall"], 3) for n, v in med.items()},
            "speedup_vs_dynamic_cpu": round(med["double sparsity"]["cpu"] / med["dense (DynamicCache)"]["cpu"], 3),

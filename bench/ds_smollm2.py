@@ -7,7 +7,7 @@ Configs: dense; token sparsity k/2048 in {1/4, 1/8, 1/16} x r in {d/4, d/8} x {c
 perplexity protocol) through the accuracy-study path: each query keeps its own top-k, as token-by-token decoding
 with the run time's DSCache would (tests/test_double_sparsity.py checks the equality). ``--selection kv`` (this
 script's default: KV-head labels, one top-k per KV head), ``head`` (KV-head labels, a top-k per query head) or
-``query-labels`` (per-query-head labels and top-k: the reference's layout and the run time's default; use
+``query-labels`` (per-query-head labels and top-k: the reference's layout, a run-time option; use
 ``--channel-type qk``).
 
 Retrieval: ``--keys`` lines "The pass key for NAME is NNNNN." planted at random depths of Jane Austen filler;

@@ -5,6 +5,7 @@
    (<= 32000 x 4096) in memory, plus a byte-level tokenizer. ~13.5 GB on disk.
 2. Run `ptq compress` on it as a child process and read the child's peak RSS from ``os.wait4`` rusage
    (``ru_maxrss``: anonymous + file-backed resident pages, the same number `/usr/bin/time -v` prints).
+3. Append one row per recipe to bench/results/rss_7b.jsonl (renderer ``rss_7b``, README "Measured").
 
     python bench/rss_7b.py [--workdir DIR] [--keep] [--recipes rtn,gptq] [--format gptq] [--layers 32]
 
@@ -101,7 +102,8 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def run_child(cmd: list[str], log: Path, out: Path) -> tuple[int, float, int, dict]:
-    """Run ``cmd``; return (exit code, wall s, peak RSS bytes from rusage, max of each /proc component).
+    """Run ``cmd``; return (exit code, wall s, peak RSS bytes from rusage, max of each /proc component and the
+    child's CPU seconds under ``cpu_s``).
 
     A sampler thread reads /proc/<pid>/status every second and prints a line whenever another layer shard
     appears in the (temporary) output folder, so a run cut short still tells how RSS evolved per layer."""
@@ -131,6 +133,7 @@ def run_child(cmd: list[str], log: Path, out: Path) -> tuple[int, float, int, di
         th.start()
         _, status, ru = os.wait4(p.pid, 0)
         done.set()
+    peaks["cpu_s"] = ru.ru_utime + ru.ru_stime
     return os.waitstatus_to_exitcode(status), time.time() - t, ru.ru_maxrss * 1024, peaks
 
 
@@ -144,6 +147,7 @@ def main():
     ap.add_argument("--nsamples", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=64)
     ap.add_argument("--extra", default="", help="extra ptq compress arguments, space separated")
+    ap.add_argument("--no-log", action="store_true", help="append no rows to bench/results/rss_7b.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ptq-rss7b-"))
@@ -151,6 +155,7 @@ def main():
     try:
         t = time.time()
         model = make_random_7b(work / "llama7b-random", args.layers)
+        in_gib = sum(f.stat().st_size for f in model.iterdir()) / 2**30
         print(f"random model: {model} ({sum(f.stat().st_size for f in model.iterdir()) / 2**30:.2f} GiB, "
               f"{time.time() - t:.0f}s)", flush=True)
         rows = []
@@ -167,6 +172,17 @@ def main():
                   f"({' '.join(cmd[2:])})", flush=True)
             if rc != 0:
                 print((work / f"log-{recipe}.txt").read_text()[-3000:])
+            elif not args.no_log:
+                sys.path.insert(0, str(ROOT / "bench"))
+                from results_log import append
+
+                append("rss_7b", {"recipe": recipe, "format": args.format, "layers": args.layers,
+                                  "nsamples": args.nsamples, "seqlen": args.seqlen, "extra": args.extra,
+                                  "input_gib": round(in_gib, 3), "output_gib": round(size, 3),
+                                  "peak_rss_gib": round(rss / 2**30, 3),
+                                  "max_anon_gib": round(peaks.get("RssAnon", 0) / 2**30, 3),
+                                  "max_file_gib": round(peaks.get("RssFile", 0) / 2**30, 3),
+                                  "wall_s": round(wall, 1), "cpu_s": round(peaks["cpu_s"], 1)})
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
         print("\n| recipe | format | rc | wall s | peak RSS GiB | output GiB |\n|---|---|---|---|---|---|")

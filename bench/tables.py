@@ -139,6 +139,16 @@ def eval_vs_transformers():
     return ["windows", "scored tokens", "ptq eval", "transformers forward", "ratio"], body
 
 
+@renderer("rss_7b")
+def rss_7b():
+    """bench/rss_7b.py (README): peak RSS of `ptq compress` on a random fp16 Llama with Llama-2-7B shapes."""
+    body = [[r["recipe"], r["format"], str(r["layers"]), f2(r["input_gib"]), f2(r["peak_rss_gib"]),
+             f2(r["max_anon_gib"]), f2(r["max_file_gib"]), f2(r["output_gib"]), f"{r['cpu_s']:.0f}"]
+            for r in latest(rows("rss_7b"), "recipe", "format", "layers").values()]
+    return (["recipe", "format", "layers", "input GiB (fp16)", "peak RSS GiB", "max anonymous GiB",
+             "max file-backed GiB", "output GiB", "CPU s"], body)
+
+
 @renderer("quickstart_cost")
 def quickstart_cost():
     """bench/quickstart_cost.py: the quick start's compress, from its report.json (CPU s, peak RSS, stages)."""
@@ -393,19 +403,23 @@ def gate_smollm2():
 
 @renderer("ds_attention_speed")
 def ds_attention_speed():
-    """bench/ds_attention_speed.py (docs/double_sparsity.md): one decode step of attention, ms and speedup vs the
-    faster dense variant, per cached length S; one column per Double Sparsity variant of the latest rows."""
-    by = latest(rows("ds_attention_speed"), "S", "k", "r")
-    names = [n for n in by[max(by)]["speedup"]] if by else []
+    """bench/ds_attention_speed.py (docs/double_sparsity.md): one decode step of attention, per label-channel
+    source (random per query head: the worst case for the union label cache; calibrated: one SmolLM2 layer) and
+    cached length S: dense ms and the speedup vs the faster dense variant of each Double Sparsity variant of the
+    latest rows (their ms are in the JSONL)."""
+    by = latest(rows("ds_attention_speed"), "channels", "S", "k", "r")
+    by = {(c or "random", S, k, r): x for (c, S, k, r), x in by.items()}
+    names = []
+    for x in by.values():
+        names += [n for n in x["speedup"] if n not in names]
     body = []
-    for (S, k, r), x in sorted(by.items()):
+    for (ch, S, k, r), x in sorted(by.items(), key=lambda kv: (kv[0][0] != "random", kv[0][1:])):
         ms, sp = x["ms"], x["speedup"]
-        body.append([str(S), str(k), str(r), f"{ms['dense sdpa']:.3f}", f"{ms['dense bmm']:.3f}"]
-                    + [f"{ms[n]:.3f}" if n in ms else "" for n in names]
-                    + [f"{sp[n]:.2f}x" if n in sp else "" for n in names])
+        body.append([ch, str(S), str(k), str(r), str(x.get("union_rows", "")), f"{ms['dense sdpa']:.3f}",
+                     f"{ms['dense bmm']:.3f}"] + [f"{sp[n]:.2f}x" if n in sp else "" for n in names])
     short = [n.removeprefix("DS ") for n in names]
-    return (["cached tokens S", "k", "r", "dense sdpa ms", "dense bmm ms"] + [f"{n} ms" for n in short]
-            + [f"speedup {n}" for n in short], body)
+    return (["label channels", "cached tokens S", "k", "r", "U (union rows per KV head)", "dense sdpa ms",
+             "dense bmm ms"] + [f"speedup {n}" for n in short], body)
 
 
 @renderer("ds_generate_speed")
@@ -422,11 +436,16 @@ def ds_generate_speed():
             if name not in t:
                 continue
             agree = tf.get(name, {}).get("top1_agreement")
+            cb = r.get("cache_bytes", {})
+            union = r.get("union_layers") if sel == "query-labels" else None
             body.append([str(r["prompt_tokens"]), str(r["heavy_tokens"]), str(r["r"]), str(r["label_bits"]), sel,
+                         "" if union is None else str(union),
+                         f"{100 * cb['labels'] / cb['kv']:.1f} %" if cb.get("kv") else "",
                          f"{t['dense (DynamicCache)']:.2f}", f"{t['dense (DSCache)']:.2f}", f"{t[name]:.2f}",
                          f"{t[name] / t['dense (DynamicCache)']:.2f}x", f"{t[name] / t['dense (DSCache)']:.2f}x",
                          "" if agree is None else f"{agree:.2f}"])
-    return ["prompt tokens", "k", "r", "label bits", "selection", "dense tok/s (transformers DynamicCache)",
+    return ["prompt tokens", "k", "r", "label bits", "selection", "layers with the union label cache",
+            "label cache / K+V bytes", "dense tok/s (transformers DynamicCache)",
             "dense tok/s (DSCache buffers)", "DS tok/s", "DS vs dense", "DS vs dense buffers",
             "top-1 agreement (teacher-forced)"], body
 
@@ -466,15 +485,16 @@ def ds_smollm2_ppl():
 
 @renderer("ds_smollm2_retrieval")
 def ds_smollm2_retrieval():
-    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval; per token
-    selection, the latest run with that selection."""
+    """bench/ds_smollm2.py --part retrieval (docs/double_sparsity.md): planted pass-key retrieval; per number of
+    prompts and token selection, the latest run with them."""
     rs = rows("ds_smollm2_retrieval")
     body = []
-    for sel in ("kv", "head", "query-labels"):
-        mine = [r for r in rs if r.get("selection", "kv") == sel]
-        body += [[sel, str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})"]
-                 for r in (_latest_run(mine, "length", "config") if mine else [])]
-    return ["selection", "prompt tokens", "config", "keys retrieved"], body
+    for n in sorted({r["n"] for r in rs}):
+        for sel in ("kv", "head", "query-labels"):
+            mine = [r for r in rs if r.get("selection", "kv") == sel and r["n"] == n]
+            body += [[str(n), sel, str(r["length"]), r["config"], f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{n})"]
+                     for r in (_latest_run(mine, "length", "config") if mine else [])]
+    return ["prompts", "selection", "prompt tokens", "config", "keys retrieved"], body
 
 
 def _cskv_rows() -> tuple[dict, list[dict]]:

@@ -169,7 +169,7 @@ def eval_(
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Perplexity of MODEL on TEXT (and KL / top-1 agreement against --baseline)."""
-    from ptq.compress import evaluate_pair
+    from ptq.eval.pair import evaluate_pair
     from ptq.model_io import ModelInputError
 
     try:

@@ -12,82 +12,27 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from ptq.eval.pair import evaluate_pair
 from ptq.export import writer_class
+from ptq.identity import model_identity
 from ptq.layermap import get_module
 from ptq.manifest import build_manifest, ptq_version, write_manifest
-from ptq.model_io import ModelInputError, StreamingModel, WeightSource, dir_size, tokenizer_for
+from ptq.model_io import ModelInputError, StreamingModel, dir_size, tokenizer_for
+from ptq.outlock import OutputLock, OutputLocked
 from ptq.passes import get_pass_class
 from ptq.pipeline import StageClock, compress_loop
+from ptq.preflight import (FiniteSource, check_calibration, check_family, check_finite, check_store_options,
+                           estimate_output_bytes, fmt_size, free_bytes, make_parent, remove_created, request_inputs)
 from ptq.quant.primitives import QuantSpec
-from ptq.outlock import OutputLock, OutputLocked
+from ptq.recipes import Recipe
 from ptq.resume import (FINGERPRINT_KIND, Checkpointer, fingerprint, is_state_file, model_fingerprint, not_resumable,
                         partial_dir)
-from ptq.recipes import Recipe, load_recipe, override_options
-from ptq.validate import (UsageError, check_compress_options, check_model, check_output_location, is_disk_full,
-                          model_identity)
+from ptq.settings import DTYPES, CompressOptions, default_out_dir, mixed_target, resolve_settings
+from ptq.validate import UsageError, check_compress_options, check_model, check_output_location, is_disk_full
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class CompressOptions:
-    model: str
-    out: str | None = None  # None: `default_out_dir` (in the working directory)
-    recipe: str = "gptq"
-    bits: float | None = None  # a non-integer average (3.5) = mixed precision (ptq.mixed_precision)
-    bit_widths: str | None = None  # mixed precision: allowed widths, e.g. "2,3,4,8" (default)
-    group_size: int | None = None
-    sym: bool | None = None
-    clip: str | None = None  # none | mse | octav
-    act_bits: int | None = None
-    format: str | None = None
-    calib: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    seed: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    eval_text: str | None = None
-    eval_windows: int = 40
-    bos: bool | None = None  # BOS before each calibration / --eval-text window; None = the tokenizer's setting
-    eval_seqlen: int = 512
-    force: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    resume: bool = False  # continue an interrupted run from <out>.ptq-partial (ptq.resume)
-    pass_options: dict = field(default_factory=dict)  # pass name -> {option: value} overrides
-    store_dtype: str = "auto"  # unquantized tensors: "auto" = as in the checkpoint, or float32/float16/bfloat16
-    embed_bits: int | None = None  # quantize embeddings / untied lm_head too (formats with EMBED_BITS)
-
-
-def default_out_dir(opts: CompressOptions, recipe: Recipe | None = None) -> Path:
-    """``<model>-<recipe>-w<bits>[a<act>][-g<group>][-<format>]`` in the working directory; group size and
-    format appear only when they differ from the recipe's defaults (e.g. ``llama-7b-osplus-w4a8``)."""
-    import re
-
-    recipe = recipe or resolve_settings(opts)[0]
-    base = load_recipe(opts.recipe).defaults  # before the CLI overrides
-    d = recipe.defaults
-    model = Path(opts.model.rstrip("/")).name or "model"
-    rname = re.sub(r"[^A-Za-z0-9._-]", "", recipe.name.replace("+", "plus")) or "recipe"
-    mixed = mixed_target(opts)
-    name = f"{model}-{rname}-w{'fp' if opts.bits == 16 else f'{mixed[0]:g}' if mixed else d.bits}"
-    if d.act_bits is not None:
-        name += f"a{d.act_bits}"
-    if d.group_size != base.group_size:
-        name += "-pc" if d.group_size == -1 else f"-g{d.group_size}"
-    if d.sym != base.sym:
-        name += "-sym" if d.sym else "-asym"
-    fmt = opts.format
-    if fmt is not None and fmt != base.format:
-        name += f"-{fmt}"
-    return Path.cwd() / name
+__all__ = ["CompressOptions", "UsageError", "compress", "default_out_dir", "evaluate_pair", "resolve_settings"]
 
 
 def peak_rss_bytes() -> int:
@@ -100,180 +45,6 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def mixed_target(opts: CompressOptions) -> tuple[float, tuple[int, ...]] | None:
-    """``(average bits, allowed widths)`` when the request asks for mixed precision (a non-integer ``--bits``,
-    or ``--bit-widths``), else None; UsageError when they do not fit together."""
-    from ptq.mixed_precision import MixedPrecisionError, check_target, parse_widths
-
-    if opts.bits is None:
-        if opts.bit_widths is not None:
-            raise UsageError("--bit-widths needs an average --bits (e.g. --bits 3.5)")
-        return None
-    if float(opts.bits).is_integer() and opts.bit_widths is None:
-        return None
-    try:
-        widths = parse_widths(opts.bit_widths)
-        check_target(float(opts.bits), widths)
-    except MixedPrecisionError as e:
-        raise UsageError(str(e)) from e
-    return float(opts.bits), widths
-
-
-def check_mixed(recipe: Recipe) -> None:
-    """Mixed precision needs every weight-quantizing pass to read per-linear widths (`Pass.mixed_bits`)."""
-    bad = [n for n, _ in recipe.passes if get_pass_class(n).quantizes_weights and not get_pass_class(n).mixed_bits]
-    if bad:
-        raise UsageError(f"--bits with a fractional average (mixed precision) is not supported by pass(es) "
-                         f"{', '.join(bad)}; use recipe gptq or rtn, or an integer --bits")
-    if not any(get_pass_class(n).quantizes_weights for n, _ in recipe.passes):
-        raise UsageError(f"recipe {recipe.name!r} quantizes no weights; mixed precision (--bits average) needs "
-                         "gptq or rtn")
-    if recipe.defaults.act_bits is not None:
-        raise UsageError("mixed precision (--bits average) is weight-only; drop --act-bits")
-
-
-def resolve_settings(opts: CompressOptions) -> tuple[Recipe, QuantSpec]:
-    """Recipe with CLI overrides applied; raises UsageError on anything out of range. With mixed precision
-    (`mixed_target`) the spec's bits are the largest allowed width not above the average."""
-    from ptq.mixed_precision import base_width
-
-    try:
-        recipe = load_recipe(opts.recipe)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    d = recipe.defaults
-    mixed = mixed_target(opts)
-    for k in ("bits", "group_size", "sym", "clip", "act_bits", "format"):
-        v = getattr(opts, k)
-        if k == "bits" and v is not None:
-            v = base_width(*mixed) if mixed else int(v)
-        if v is not None:
-            setattr(d, k, v)
-    if mixed:
-        check_mixed(recipe)
-    c = recipe.calibration
-    for k in ("nsamples", "seqlen", "seed"):
-        v = getattr(opts, k)
-        if v is not None:
-            setattr(c, k, v)
-    if opts.calib is not None:
-        c.path = opts.calib
-    if opts.bos is not None:
-        c.bos = opts.bos
-    if d.act_bits is not None and not 2 <= d.act_bits <= 16:
-        raise UsageError(f"--act-bits must be in 2..16, got {d.act_bits}")
-    if d.act_bits is not None and any(n == "act-quant" for n, _ in recipe.passes) and d.format != "compressed-tensors":
-        raise UsageError(f"recipe {recipe.name!r} quantizes activations, which --format {d.format} cannot carry "
-                         "(its loaders would run the model weight-only); use --format compressed-tensors "
-                         "(transformers / vLLM run its input_activations) or --format onnx")
-    try:
-        if d.bits == 16:  # "16 bits" = no weight quantization, for passes with a `quantize` option (udfc)
-            nq = [n for n, o in recipe.passes if not hasattr(o, "quantize")]
-            if nq:
-                raise UsageError(f"--bits 16 (no quantization) is not supported by pass(es) {', '.join(nq)}")
-            if d.format not in ("fp",) and opts.format is not None:
-                raise UsageError("--bits 16 keeps fp weights: use --format fp")
-            for _, o in recipe.passes:
-                o.quantize = False
-            d.bits, d.format = 8, "fp"  # placeholder spec (QuantSpec needs 2..8); nothing is quantized
-        spec = QuantSpec(bits=d.bits, group_size=d.group_size, sym=d.sym, mse=d.mse, clip=d.clip)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    for pname, popts in opts.pass_options.items():
-        idx = [i for i, (n, _) in enumerate(recipe.passes) if n == pname]
-        if not idx:
-            raise UsageError(f"option for pass {pname!r}, which recipe {recipe.name!r} does not run")
-        for k in popts:
-            if not hasattr(recipe.passes[idx[0]][1], k):
-                raise UsageError(f"pass {pname!r} has no option {k!r}")
-        for i in idx:
-            try:
-                new = override_options(recipe.passes[i][1], popts, f"--set {pname}", pname)
-            except ValueError as e:
-                raise UsageError(str(e)) from e
-            recipe.passes[i] = (pname, new)
-    if opts.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
-    return recipe, spec
-
-
-def check_store_options(opts: CompressOptions, writer_cls, fmt: str) -> None:
-    """``--store-dtype`` and ``--embed-bits`` against what the format's loaders read."""
-    from ptq.export.base import STORE_DTYPES
-
-    if opts.store_dtype not in ("auto", *STORE_DTYPES):
-        raise UsageError(f"--store-dtype must be auto or one of {', '.join(STORE_DTYPES)}, got {opts.store_dtype!r}")
-    if opts.embed_bits is not None:
-        ok = getattr(writer_cls, "EMBED_BITS", ())
-        if opts.embed_bits not in ok:
-            where = f"format {fmt} takes --embed-bits {'/'.join(map(str, ok))}" if ok else \
-                f"no loader of format {fmt} reads quantized embeddings"
-            raise UsageError(f"--embed-bits {opts.embed_bits}: {where}; use --format onnx (onnxruntime "
-                             "GatherBlockQuantized, 4 or 8 bits), see docs/formats.md")
-
-
-MIN_DAMP_FEW_TOKENS = 0.1  # damping used when the calibration set has fewer unique tokens than a linear's width
-
-
-def check_calibration(calib_ids: torch.Tensor, config, recipe: Recipe, sampling: dict | None = None) -> dict:
-    """Warn when the calibration windows repeat text or hold fewer unique tokens than the widest linear input
-    (its Hessian is then rank-deficient); in that case raise Hessian damping to ``MIN_DAMP_FEW_TOKENS`` in every
-    pass that has a ``damp`` option. ``sampling``: what `calib.data.sample_windows` did (text tokens, distinct
-    and overlapping windows). Returns what was found and done (recorded in report.json)."""
-    from calib.data import calibration_coverage
-
-    cov = calibration_coverage(calib_ids)
-    cov.update(sampling or {})
-    widths = [getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "ffn_dim")]
-    width = max(w for w in widths if isinstance(w, int))
-    cov["widest_linear_input"] = width
-    cov["warnings"] = []
-    n, seqlen = calib_ids.shape
-    if cov.get("overlapping_windows"):
-        cov["warnings"].append(f"the calibration text has {cov['text_tokens']} tokens, fewer than --nsamples {n} x "
-                               f"--seqlen {seqlen}: used its {cov['distinct_windows']} non-overlapping windows once "
-                               f"each and drew the other {cov['overlapping_windows']} at random offsets, overlapping "
-                               f"them (each token used ~{cov['reuse']:.1f}x); give more text (--calib) or use "
-                               f"--nsamples {cov['distinct_windows']}")
-    elif cov["reuse"] > 1.05:
-        cov["warnings"].append(f"calibration windows overlap: {cov['tokens']} tokens drawn from ~{cov['unique_tokens']} "
-                               f"distinct ones (each used ~{cov['reuse']:.1f}x); give more text (--calib) or fewer "
-                               "--nsamples")
-    if cov["unique_tokens"] < width:
-        raised = {}
-        for name, o in recipe.passes:
-            if hasattr(o, "damp") and o.damp < MIN_DAMP_FEW_TOKENS:
-                raised[name] = (o.damp, MIN_DAMP_FEW_TOKENS)
-                o.damp = MIN_DAMP_FEW_TOKENS
-        cov["damp_raised"] = {k: v[1] for k, v in raised.items()}
-        cov["warnings"].append(f"only ~{cov['unique_tokens']} unique calibration tokens for linears {width} wide: "
-                               "their Hessians are rank-deficient"
-                               + (f"; damping raised to {MIN_DAMP_FEW_TOKENS}" if raised else "")
-                               + "; give more calibration text")
-    for w in cov["warnings"]:
-        print(f"ptq: warning: {w}", file=sys.stderr)
-    return cov
-
-
-def request_inputs(opts: CompressOptions, sm: StreamingModel) -> dict:
-    """Every input path of the request (label -> path): the output may neither contain nor sit inside them."""
-    ins = {"input model": sm.folder, "calibration data": opts.calib, "--eval-text file": opts.eval_text}
-    if Path(opts.recipe).is_file():
-        ins["recipe file"] = opts.recipe
-    return {k: Path(v) for k, v in ins.items() if v is not None}
-
-
-def check_family(recipe: Recipe, lmap) -> None:
-    """Refuse, before any work, a pass the model family cannot run (ptq.layermap: ``LayerMap.unsupported``)."""
-    for name, _ in recipe.passes:
-        why = lmap.refusal(name)
-        if why:
-            raise UsageError(f"pass {name!r} does not support {lmap.arch}: {why}. Supported combinations: "
-                             "docs/architectures.md")
-
-
 def build_passes(recipe: Recipe, spec: QuantSpec, defaults) -> list:
     passes = []
     for name, popts in recipe.passes:
@@ -281,72 +52,6 @@ def build_passes(recipe: Recipe, spec: QuantSpec, defaults) -> list:
         p.defaults = defaults
         passes.append(p)
     return passes
-
-
-class FiniteSource(WeightSource):
-    """Wraps a `WeightSource`: every floating tensor read is checked for NaN/Inf (so a corrupt layer 17 is
-    reported by name the moment it loads, not as a NaN perplexity after the export)."""
-
-    def __init__(self, inner: WeightSource):
-        self.inner = inner
-
-    def keys(self):
-        return self.inner.keys()
-
-    def __contains__(self, name):
-        return name in self.inner
-
-    def get(self, name):
-        t = self.inner.get(name)
-        check_finite(name, t)
-        return t
-
-    def __getattr__(self, attr):  # anything else (folder, reader internals) comes from the wrapped source
-        return getattr(self.inner, attr)
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise UsageError(f"weight {name} has {bad} NaN/Inf value(s) of {t.numel()}; the checkpoint is corrupt")
-
-
-def free_bytes(folder: Path) -> int:
-    """Free space where ``folder`` will be created (``PTQ_TEST_FREE_BYTES`` simulates a full disk in tests)."""
-    fake = os.environ.get("PTQ_TEST_FREE_BYTES")
-    if fake is not None:
-        return int(fake)
-    p = Path(folder).resolve()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def estimate_output_bytes(sm: StreamingModel, calib_ids, hidden: int, dtype: torch.dtype) -> int:
-    """Upper estimate of the disk the run needs: the dense weights (an fp export is at most the input size),
-    two resume-state files of calibration activations ``[n, L, H]`` and 16 MiB for configs/tokenizer."""
-    weights = sum(f.stat().st_size for f in Path(sm.folder).glob("*.safetensors")) if sm.folder else 0
-    acts = 0 if calib_ids is None else 2 * calib_ids.numel() * hidden * torch.finfo(dtype).bits // 8
-    return weights + acts + (16 << 20)
-
-
-def _fmt_size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
-
-
-def _make_parent(out: Path) -> Path | None:
-    """Create ``out.parent`` if needed; return the topmost folder created (to remove it on failure)."""
-    top = None
-    p = out.parent
-    while not p.exists():
-        top, p = p, p.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return top
-
-
-def _remove_created(path: Path | None) -> None:
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
@@ -427,22 +132,22 @@ def compress(opts: CompressOptions, progress=None, on_layer=None) -> dict:
                      | {"device": opts.device, "ptq": ptq_version(), "store_dtype": opts.store_dtype,
                         "embed_bits": opts.embed_bits})
 
-    created = _make_parent(out)
+    created = make_parent(out)
     lock = OutputLock(out)
     try:
         lock.acquire()
     except OutputLocked as e:
-        _remove_created(created)
+        remove_created(created)
         raise UsageError(str(e)) from e
     except OSError as e:
-        _remove_created(created)
+        remove_created(created)
         raise UsageError(f"cannot lock {out}: {e.strerror}; choose another --out") from e
     try:
         return _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, info, fp, writer_cls,
                            progress, clock, calib_check, on_layer, plan)
     except UsageError:
         if not partial_dir(out).exists():  # refused before anything was written (a kept partial stays)
-            _remove_created(created)
+            remove_created(created)
         raise
     finally:
         lock.release()
@@ -490,7 +195,7 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
     need = estimate_output_bytes(sm, calib_ids, sm.config.hidden_size, DTYPES[opts.dtype])
     have = free_bytes(out.parent)
     if have < need:
-        raise UsageError(f"not enough disk space for {out}: {_fmt_size(have)} free, about {_fmt_size(need)} "
+        raise UsageError(f"not enough disk space for {out}: {fmt_size(have)} free, about {fmt_size(need)} "
                          "needed; free some space or choose another --out")
 
     if resume_state is None and tmp.exists():
@@ -555,7 +260,7 @@ def _run_locked(opts, out, created, t0, recipe, spec, sm, calib_ids, passes, inf
         os.replace(tmp, out)
     except (UsageError, ModelInputError) as e:  # bad input found mid-run (NaN weights, unreadable tensor)
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_created(created)
+        remove_created(created)
         raise e if isinstance(e, UsageError) else UsageError(str(e)) from e
     except BaseException as e:
         if is_disk_full(e):  # an OSError, or a safetensors error wrapping ENOSPC
@@ -575,7 +280,7 @@ def _keep_or_remove(tmp: Path, ckpt: Checkpointer, created: Path | None, quiet: 
                   "to continue (or --force to start over).", file=sys.stderr)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_created(created)
+        remove_created(created)
 
 
 def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: StreamingModel, calib_ids) -> dict:
@@ -600,34 +305,3 @@ def run_info(opts: CompressOptions, recipe: Recipe, spec: QuantSpec, sm: Streami
     }
 
 
-def evaluate_pair(model: str, baseline: str | None, text: str, seqlen: int = 512, max_windows: int = 40,
-                  dtype: str = "float32", progress=None, bos: bool | None = None) -> dict:
-    """Perplexity of ``model`` (and of ``baseline`` plus KL / top-1 against it), streamed layer by layer;
-    ``progress(i, n)`` after each layer of each model. ``bos``: BOS before each window (None: the BOS choice
-    ``model`` was calibrated with if its run overrode the tokenizer, else the tokenizer's own setting,
-    `calib.data.eval_bos`); the result says which (``bos``, ``bos_source``)."""
-    from calib.data import eval_bos, read_text, resolve_bos, tokenize
-    from ptq.eval.metrics import eval_windows, stream_metrics
-
-    from ptq.validate import check_gate_inputs
-
-    if max_windows is not None and max_windows < 1:
-        raise UsageError(f"--windows must be >= 1, got {max_windows}")
-    if seqlen < 2:
-        raise UsageError(f"--seqlen must be >= 2, got {seqlen}")
-    if not Path(text).is_file():
-        raise UsageError(f"text file {text} does not exist")
-    sm = StreamingModel.open(model, dtype=DTYPES[dtype])
-    from ptq.passes.act_quant import install_streaming
-
-    install_streaming(sm)  # activation quantizers recorded in config.json (OS+ / SmoothQuant / W8A8 recipes)
-    ref = StreamingModel.open(baseline, dtype=DTYPES[dtype]) if baseline else None
-    raw = read_text(text)
-    tok = tokenizer_for(sm.folder)
-    bos, note = eval_bos(sm.folder, tok, bos)
-    bos_id = resolve_bos(tok, bos)
-    windows = eval_windows(tokenize(raw, tok), seqlen, max_windows, bos_id)
-    ref_w = eval_windows(tokenize(raw, tokenizer_for(ref.folder)), seqlen, max_windows, bos_id) if ref else None
-    check_gate_inputs(sm, ref, None, windows, ref_w, allow_other=True)  # same architecture and tokenizer
-    return {**stream_metrics(sm, windows, ref, progress=progress).to_dict(), "bos": note["bos"],
-            "bos_source": note["source"]}

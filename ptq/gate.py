@@ -7,7 +7,7 @@ p_ref,t == argmax p_t]``. Checks: ``ppl_ratio <= max_ppl_ratio``, ``top1 >= min_
 Two ways to get the reference side:
 
 * a baseline model (``--baseline MODEL``): exact metrics, both models streamed layer by layer (the numbers
-  are those of `ptq.compress.evaluate_pair` / ``ptq eval``);
+  are those of `ptq.eval.pair.evaluate_pair` / ``ptq eval``);
 * a stored baseline file (``--baseline-json``, written by ``--save-baseline``): reference perplexity, the text
   hash and, per scored position, the reference top-k token ids and log-probs. Then only the compressed model
   runs; ``top1`` is exact and ``kl`` is the KL between the *coarse-grained* distributions over the k reference
@@ -122,7 +122,8 @@ def measure(model: str, text: str, seqlen: int = 512, windows: int = 40, baselin
     ``bos`` as in `calib.data.resolve_bos` (None: the tokenizer's setting); the metrics record it."""
     from ptq.eval.metrics import _Accumulator, _stream_final, logit_chunks
     from ptq.model_io import StreamingModel
-    from ptq.validate import UsageError, baseline_identity, check_gate_inputs
+    from ptq.identity import baseline_identity, check_gate_inputs
+    from ptq.validate import UsageError
 
     sm = StreamingModel.open(model, dtype=dtype)
     ref = StreamingModel.open(baseline, dtype=dtype) if baseline else None

@@ -57,7 +57,7 @@ def build_manifest(folder: Path, *, recipe: dict, spec: dict, format: str, dtype
                    model_fingerprint: str, calibration: dict | None, layers: list[dict],
                    model_identity: dict | None = None, mixed_precision: dict | None = None) -> dict:
     """``model_identity``: architecture/shape fields and ``fingerprint_kind`` of the source model, which
-    `ptq gate` checks its baseline against (ptq.validate.check_gate_inputs). ``mixed_precision``: the bits
+    `ptq gate` checks its baseline against (ptq.identity.check_gate_inputs). ``mixed_precision``: the bits
     chosen per linear (ptq.mixed_precision.MixedPlan.manifest), only for mixed-precision runs."""
     m = {
         "schema": SCHEMA,

@@ -106,7 +106,7 @@ def test_windows_do_not_overlap_when_the_text_suffices():
 def test_short_text_uses_every_window_then_says_it_overlaps(capsys):
     import types
 
-    from ptq.compress import check_calibration
+    from ptq.preflight import check_calibration
     from ptq.recipes import load_recipe
 
     ids = torch.arange(350)
@@ -150,7 +150,7 @@ def test_few_unique_tokens_warn_and_raise_damping(capsys):
 
     import torch
 
-    from ptq.compress import MIN_DAMP_FEW_TOKENS, check_calibration
+    from ptq.preflight import MIN_DAMP_FEW_TOKENS, check_calibration
     from ptq.recipes import load_recipe
 
     recipe = load_recipe("gptq")

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from ptq.kv.cskv import (CSKVConfig, asvd_factors, asymptotic_bytes_per_token, convert_model, expected_cache_bytes,
-                         fit_factors, load_cskv_model, make_cache, recon_error)
+from ptq.kv.cskv import (CSKVConfig, asymptotic_bytes_per_token, convert_model, expected_cache_bytes, load_cskv_model,
+                         make_cache)
+from ptq.kv.cskv_fit import asvd_factors, fit_factors, recon_error
 from ptq.kv.cskv_cache import CSKVCache, dequantize_groups, quantize_groups
 from ptq.model_io import full_model
 
@@ -196,7 +197,7 @@ def test_keep_keys_decode_equals_emulated_and_counts_bytes(tiny_models):
 def test_quantization_aware_fit_lowers_quantized_error():
     """With the cache quantizer in the loss (STE), the error measured through the quantizer: lower than the plain
     fit's at 2-bit V (per token groups), on par at 3-bit K (per channel over windows); the STE passes gradients."""
-    from ptq.kv.cskv import fake_quant_ste
+    from ptq.kv.cskv_fit import fake_quant_ste
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 48, generator=g)

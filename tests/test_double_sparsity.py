@@ -328,3 +328,70 @@ def test_kv_label_channels_merges_query_head_rankings():
     lab = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [3, 2, 1, 0], [3, 2, 0, 1]])  # 4 query heads, 2 KV heads
     assert kv_label_channels(lab, 2, 2).tolist() == [[0, 1], [3, 2]]
     assert kv_label_channels(lab[:2], 2, 3).tolist() == [[0, 1, 2], [1, 0, 3]]
+
+
+def test_union_channels_positions():
+    from ptq.sparse.ds_runtime import union_channels
+
+    ch = torch.tensor([[3, 1], [1, 5], [7, 3], [2, 0], [0, 2], [2, 0]])  # 6 query heads, 2 KV heads, r = 2
+    union, pos = union_channels(ch, 2)
+    assert union.tolist() == [[1, 3, 5, 7], [0, 2, 0, 0]]  # sorted unions, the second padded with its first
+    assert torch.equal(union.repeat_interleave(3, 0).gather(1, pos), ch)
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_union_label_cache_equals_per_head_cache(bits):
+    """The union label cache [Hkv, U, S] (each query head zero outside its own channels) gives the scores, the
+    top-k and the output of the per-query-head cache [H, r, S], with fewer label bytes when the channels of a group
+    overlap; both equal the study path."""
+    from ptq.sparse.ds_runtime import DSLayer, sparse_decode, top_k_indices
+
+    b, H, Hkv, S, d, r, kk = 2, 6, 2, 300, 16, 4, 24
+    q, K, V = rnd(b, H, 1, d, seed=50), rnd(b, Hkv, S, d, seed=51), rnd(b, Hkv, S, d, seed=52)
+    ch = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4], [2, 0, 5, 9], [8, 9, 10, 11], [9, 8, 12, 13], [6, 7, 8, 9]])
+    per, uni = DSLayer(ch, bits), DSLayer(ch, bits, union=True)
+    for lay in (per, uni):
+        lay.update(K[:, :, :200], V[:, :, :200])
+        lay.update(K[:, :, 200:], V[:, :, 200:])
+    assert uni.lab.shape[:3] == (b, Hkv, 8) and per.lab.shape[:3] == (b, H, r)  # U = 8 of G r = 12
+    assert uni.nbytes()["labels"] * 3 == per.nbytes()["labels"] * 2
+    ql = q[:, :, 0].gather(-1, ch[None].expand(b, H, r)).float()  # [b, H, r]
+    qu = torch.zeros(b, H, 8).scatter_(-1, uni.union_pos[None].expand(b, H, r), ql)
+    s_per = per.label_scores(ql[:, :, None]).view(b, H, S)
+    s_uni = uni.label_scores(qu.view(b, Hkv, 3, 8)).view(b, H, S)
+    assert (s_per - s_uni).abs().max() < 1e-5 and (s_per - s_uni).abs().max() <= 1e-6 * s_per.abs().max()
+    assert torch.equal(top_k_indices(s_per, kk), top_k_indices(s_uni, kk))
+    cfg = DSConfig(heavy_tokens=kk, heavy_channels=r, label_bits=bits, selection="query-labels")
+    allowed = torch.ones(b, S, dtype=torch.bool)
+    allowed[1, :37] = False
+    for al in (None, allowed):
+        o_per = sparse_decode(q, per, kk, d**-0.5, bits, "query-labels", al)
+        o_uni = sparse_decode(q, uni, kk, d**-0.5, bits, "query-labels", al)
+        assert torch.equal(o_per, o_uni)
+        ref = double_sparse_attention(q, K, V, ch, cfg, d**-0.5, None if al is None else al[:, None, None, :])
+        assert (o_uni - ref).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="fp labels"):
+        DSLayer(ch, 4, union=True)
+
+
+def test_install_picks_union_where_channels_overlap(gqa_dir):
+    """label_layout auto: the union cache where a group's channels overlap (here: identical), the per-head one
+    where they do not; generate() through the union cache gives the per-head cache's tokens."""
+    from ptq.sparse import make_cache
+
+    model, cfg = full_model(gqa_dir)
+    H, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    shared = random_labels(2, d, 7).repeat_interleave(2, 0)  # each KV head's 2 query heads: the same ranking
+    labels = {0: shared, 1: torch.cat([torch.arange(d)[None].roll(-4 * h, 1) for h in range(H)])}  # disjoint
+    ids = _ids(1, 30, seed=4)
+    outs = {}
+    for layout in ("auto", "per-head"):
+        install(model, labels, DSConfig(heavy_tokens=8, heavy_channels=4, dense_layers=0, selection="query-labels",
+                                        label_layout=layout))
+        assert model.ds_union == ([True, False] if layout == "auto" else [False, False])
+        cache = make_cache(model)
+        with torch.no_grad():
+            outs[layout] = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=1, cache=cache)
+        assert cache.layers[0].lab.shape[1] == (2 if layout == "auto" else H) and cache.layers[1].lab.shape[1] == H
+    assert torch.equal(outs["auto"], outs["per-head"])
+    uninstall(model)

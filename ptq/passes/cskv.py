@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptq.kv.cskv import SUPPORTED, CSKVConfig, asvd_factors, factor_names, fit_factors, recon_error
+from ptq.kv.cskv import SUPPORTED, CSKVConfig, factor_names
+from ptq.kv.cskv_fit import asvd_factors, fit_factors, recon_error
 from ptq.pipeline import LayerContext, Pass
 
 

@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ptq.sparse.ds_runtime import LABEL_ATTR, DSCache, fake_quant, kv_label_channels, sparse_decode
+from ptq.sparse.ds_runtime import LABEL_ATTR, DSCache, fake_quant, kv_label_channels, sparse_decode, union_rows
 
 IMPL = "ptq_double_sparsity"
 OURS = "double_sparsity.json"
 SGLANG = "ds_channel_config.json"
 CHANNEL_TYPES = ("qk", "qk_kv", "q", "k")
 SELECTIONS = ("kv", "head", "query-labels")
+LABEL_LAYOUTS = ("auto", "per-head", "union")
 
 
 @dataclass
@@ -52,6 +53,8 @@ class DSConfig:
     #   summed) | head: KV-head channels, a top-k per query head | query-labels: label channels and a top-k per
     #   query head (the reference; label cache [H, r] per token)
     study: bool = False  # forwards WITHOUT a DSCache (perplexity) run the accuracy-study path; else dense
+    label_layout: str = "auto"  # query-labels with fp labels: per-head [H, r] rows | union [Hkv, U] rows per KV
+    #   head (same scores) | auto: union where it holds at most 2/3 of the per-head label bytes (channels overlap)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DSConfig":
@@ -281,6 +284,8 @@ def install(model, labels: dict[int, torch.Tensor] | list[torch.Tensor], cfg: DS
         raise ValueError(f"channel_type must be one of {CHANNEL_TYPES}, got {cfg.channel_type!r}")
     if cfg.selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {cfg.selection!r}")
+    if cfg.label_layout not in LABEL_LAYOUTS:
+        raise ValueError(f"label_layout must be one of {LABEL_LAYOUTS}, got {cfg.label_layout!r}")
     mc = model.config
     H = mc.num_attention_heads
     kvh = getattr(mc, "num_key_value_heads", None) or H
@@ -294,6 +299,7 @@ def install(model, labels: dict[int, torch.Tensor] | list[torch.Tensor], cfg: DS
         sparse = attn.ds_labels is not None and i >= cfg.dense_layers
         channels.append(runtime_channels(attn.ds_labels, cfg.selection, H, kvh, r) if sparse else None)
     model.ds_channels, model.ds_cfg = channels, cfg
+    model.ds_union = [c is not None and use_union(c, cfg, kvh) for c in channels]
     _set_impl(model, IMPL)
     if not hasattr(model, "_ds_orig_prepare"):
         orig = model._ds_orig_prepare = model._prepare_cache_for_generation
@@ -316,6 +322,17 @@ def runtime_channels(labels: torch.Tensor, selection: str, heads: int, kv_heads:
     return kv_label_channels(labels, kv_heads, r)
 
 
+def use_union(channels: torch.Tensor, cfg: DSConfig, kv_heads: int) -> bool:
+    """Whether a layer with label-cache ``channels [R, r]`` keeps the union label cache (`ds_runtime.union_channels`):
+    per-query-head rows (R > kv_heads), fp labels, and ``label_layout`` "union", or "auto" with
+    ``kv_heads * U <= 2/3 * R * r`` (the union saves at least a third of the label bytes; its matmul does
+    ``U / r`` times the multiply-adds of the per-head one, so with little overlap the per-head cache is faster)."""
+    R, r = channels.shape
+    if R == kv_heads or cfg.label_bits < 16 or cfg.label_layout == "per-head":
+        return False
+    return cfg.label_layout == "union" or 3 * kv_heads * union_rows(channels, kv_heads) <= 2 * R * r
+
+
 def _takes_cache(model) -> bool:
     import inspect
 
@@ -324,8 +341,9 @@ def _takes_cache(model) -> bool:
 
 def make_cache(model) -> DSCache:
     """A fresh `DSCache` for a model prepared by `install` (label channels per query head or KV head, as the
-    selection needs; label bits). A cache serves the selection it was made for."""
-    return DSCache(model.ds_channels, model.ds_cfg.label_bits)
+    selection needs; label bits; union label caches where `use_union`). A cache serves the selection it was made
+    for."""
+    return DSCache(model.ds_channels, model.ds_cfg.label_bits, getattr(model, "ds_union", None))
 
 
 def uninstall(model, impl: str = "sdpa") -> None:
