@@ -27,6 +27,17 @@ def test_check_levels_accepts_quantized_and_refuses_fp():
         check_levels({"a": w}, 3, 64)
 
 
+def test_check_levels_with_a_short_last_group():
+    """K = 576 at group 128 (SmolLM2): four full groups and one of 64 columns, each checked on its own."""
+    w = torch.randn(8, 576, generator=torch.Generator().manual_seed(0))
+    q = QuantizedWeight.from_float(w, QuantSpec(4, 128, False)).dequantize()
+    assert check_levels({"a": q}, 4, 128) == 1
+    bad = q.clone()
+    bad[:, 512:] = w[:, 512:]  # only the short last group left in full precision
+    with pytest.raises(SystemExit, match="not quantized"):
+        check_levels({"a": bad}, 4, 128)
+
+
 def test_ids_file_is_checked_by_hash(tmp_path):
     import hashlib
 
