@@ -3,9 +3,10 @@ our codes) in our decode loop on plain onnxruntime and in onnxruntime-genai, and
 builder's int4 model (``-p int4 -e cpu``, from the fp32 model) in both runtimes; plus wikitext-2 perplexity of the
 ONNX models themselves (first ``--windows`` 512-token windows, no BOS, the exported accuracy level).
 
-    ptq compress smollm2-135m --recipe gptq --bits 4 --group-size 32 --sym --format gptq --out OUT
+    ptq compress smollm2-135m --recipe gptq --bits 4 --group-size 128 --asym --format gptq --out OUT
     python bench/onnx_speed.py --compressed OUT [--compressed OUT2 ...] --peer-python PEER_VENV/bin/python \
-        --embed-bits 4 --embed-method gptq [--embed-sym auto] [--builder-extra block_size=64] [--build-only]
+        --embed-bits 4 --embed-method gptq [--embed-sym auto] [--builder-extra block_size=64] [--build-only] \
+        [--rounds 5 --paired-reps 3]
 
 Several ``--compressed`` folders are exported and timed in the same run (variants ``ptq int4 (<folder name>)``).
 ``--build-only`` builds the ONNX folders and their perplexities (cached in the work folder, ``ppl_<windows>x<seqlen>
@@ -17,7 +18,10 @@ tokens after a ``--prompt``-token prompt (batch 1), in ``--rounds`` interleaved 
 reversed every other round, reps pooled: slow drift of the shared machine's load hits every variant alike);
 prefill = the prompt's forward, decode tok/s = tokens after the first / their time; medians. "our loop" feeds each step's ``present.*`` back as ``past_key_values.*``
 (as ptq.export.onnx_validate.decode_feed does; numpy + onnxruntime only in that process); onnxruntime-genai shares one past/present buffer. The machine load
-(``os.getloadavg``) before and after the timing is in every row. Rows: bench/results/onnx_speed.jsonl.
+(``os.getloadavg``) before and after the timing is in every row. Then, per runtime, one process with every int4
+model and their decode steps interleaved (bench/onnx_paired.py, ``--paired-reps`` generations): the step-time
+ratio to the builder's model that load drift cannot skew (``paired_speed_vs_builder_int4``). Rows:
+bench/results/onnx_speed.jsonl.
 """
 from __future__ import annotations
 
@@ -226,8 +230,9 @@ def acc_levels(d: Path) -> list[int]:
 # ---------------------------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--child", choices=["ours", "genai"])
-    ap.add_argument("--dir")
+    ap.add_argument("--child", choices=["ours", "genai", "paired-ours", "paired-genai"])
+    ap.add_argument("--dir", help="child: the ONNX folder (paired children: several, comma-separated)")
+    ap.add_argument("--ref", type=int, default=0, help="paired children: index of the reference folder")
     ap.add_argument("--model", default=None, help="fp32 SmolLM2 folder (default: the smollm2-135m cache)")
     ap.add_argument("--compressed", action="append", default=[], help="ptq compress --format gptq output (a ptq "
                     "int4 source; repeat for several in one run)")
@@ -245,6 +250,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds over all variants (order reversed "
                     "every other round); reps pooled across rounds")
+    ap.add_argument("--paired-reps", type=int, default=2, help="after the rounds, per runtime one process with "
+                    "every int4 model, decode steps interleaved (bench/onnx_paired.py): this many generations "
+                    "(0 = skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -252,6 +260,12 @@ def main():
     ap.add_argument("--ids", default="[]")
     ap.add_argument("--no-log", action="store_true")
     a = ap.parse_args()
+    if a.child in ("paired-ours", "paired-genai"):
+        from bench.onnx_paired import paired_genai, paired_ours
+
+        fn = paired_ours if a.child == "paired-ours" else paired_genai
+        print(json.dumps(fn([Path(x) for x in a.dir.split(",")], json.loads(a.ids), a.new, a.reps, a.threads, a.ref)))
+        return
     if a.child:
         fn = child_ours if a.child == "ours" else child_genai
         print(json.dumps(fn(Path(a.dir), json.loads(a.ids), a.new, a.reps, a.threads)))
@@ -272,7 +286,7 @@ def main():
     ptq_dirs = {("ptq int4" if len(a.compressed) == 1 else f"ptq int4 ({Path(c).name})"): Path(c)
                 for c in a.compressed}
     dirs = {"fp32": work / "fp32"}
-    dirs |= {name: work / ("ptq_int4" if len(a.compressed) == 1 else "ptq_int4_" + c.name) for name, c in ptq_dirs.items()}
+    dirs |= {name: work / ("ptq_int4_" + c.name) for name, c in ptq_dirs.items()}  # one folder per checkpoint
     dirs["builder int4"] = work / "builder_int4"
     for extra in a.builder_extra:
         dirs[f"builder int4 ({extra})"] = work / ("builder_int4_" + extra.replace("=", "_"))
@@ -333,6 +347,20 @@ def main():
             print(f"round {rnd + 1} {name:<32} {rt:<6} decode {statistics.median(r['decode_tps']):6.1f} tok/s  "
                   f"prefill {1e3 * statistics.median(r['prefill_s']):6.0f} ms  peak RSS {r['rss'] / 2**20:6.0f} MiB",
                   flush=True)
+    paired = {}  # (name, runtime) -> paired step time / speed vs the builder, one process per runtime
+    int4 = [n for n in dirs if n != "fp32"]
+    for rt in ("ours", "genai") if a.paired_reps and "builder int4" in int4 else ():
+        if rt == "genai" and not a.peer_python:
+            continue
+        cmd = [sys.executable if rt == "ours" else a.peer_python, str(Path(__file__).resolve()), "--child",
+               "paired-" + rt, "--dir", ",".join(str(dirs[n]) for n in int4), "--ref", str(int4.index("builder int4")),
+               "--ids", json.dumps(ids), "--new", str(a.new), "--reps", str(a.paired_reps), "--threads", str(a.threads)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(a.threads))
+        out = json.loads(run_child(cmd, env=env, cwd=ROOT)[3].strip().splitlines()[-1])
+        for n in int4:
+            paired[(n, rt)] = out[str(dirs[n])]
+            print(f"paired {n:<32} {rt:<6} step {paired[(n, rt)]['step_ms']:.3f} ms  speed vs builder "
+                  f"{paired[(n, rt)]['speed_vs_ref']:.3f}", flush=True)
     load1 = os.getloadavg()
     ref = {rt: statistics.median(res[("builder int4", rt)]["decode_tps"]) for rt in ("ours", "genai")
            if ("builder int4", rt) in res}
@@ -351,6 +379,10 @@ def main():
                "loadavg_after": [round(x, 2) for x in load1],
                "exclusive_machine": bool(os.environ.get("PTQ_HEAVY_EXCLUSIVE")),
                "greedy_equal_first_ptq_ours": sum(x == y for x, y in zip(r["ids"], res[(first, "ours")]["ids"]))}
+        if (name, rt) in paired:
+            p = paired[(name, rt)]
+            row.update(paired_step_ms=round(p["step_ms"], 3), paired_speed_vs_builder_int4=round(p["speed_vs_ref"], 3),
+                       paired_steps=p["steps"])
         if name in built:
             row["build"] = built[name]
         if name in ptq_dirs:

@@ -568,13 +568,17 @@ def _onnx_speed_body(newest: bool) -> list[list[str]]:
         meth += {"no": "", "yes": " sym", "auto": " (sym as the body)"}.get(sym, " sym")
         src = " + ".join(cmd[i + 1] for i, x in enumerate(cmd) if x == "--compressed") or "?"
         rounds = f", {r['rounds']} rounds x {r['reps']} reps" if r.get("rounds", 1) > 1 else ""
+        rounds += ", exclusive machine" if r.get("exclusive_machine") else ""
         body.append([f"{src}, --embed-bits {emb} {meth}{rounds}", r["variant"], r["runtime"],
-                     f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x", f"{r['prefill_ms']:.0f}",
+                     f"{r['decode_tps']:.1f}", "" if ratio is None else f"{ratio:.2f}x",
+                     f"{r['paired_speed_vs_builder_int4']:.2f}x" if "paired_speed_vs_builder_int4" in r else "",
+                     f"{r['prefill_ms']:.0f}",
                      str(r["peak_rss_mib"]), f"{r['size_mib']:.1f}", f"{r['wikitext2_ppl']:.3f}"])
     return body
 
 
-ONNX_SPEED_HEAD = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (same run)", "prefill ms",
+ONNX_SPEED_HEAD = ["run", "model", "runtime", "decode tok/s", "vs builder int4 (same run)",
+                   "vs builder int4, paired steps", "prefill ms",
                    "peak RSS MiB", "size MiB", "wikitext-2 ppl"]
 
 
