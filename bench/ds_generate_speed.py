@@ -8,6 +8,8 @@ each run), ``--reps`` rounds with the variants interleaved:
 * ``dense (DSCache)``: the DSCache with every layer dense (same buffers, no label scoring);
 * ``double sparsity (head)`` with ``--head``: the same with one top-k per query head (``selection="head"``,
   KV-head labels; only with ``--selection kv``, which builds a KV-head label cache);
+* ``double sparsity (kv)`` with ``--kv`` (and ``--selection query-labels``): ``selection="kv"`` side by side, on a
+  second `DSCache` with the ``qk_kv`` KV-head label cache built from the same prefilled K/V;
 * ``double sparsity``: label-cache sparse decode with ``--selection`` (default ``query-labels``: per-query-head
   label channels ``qk`` and a top-k per query head, label cache per ``--label-layout``: ``auto`` keeps the union
   label cache in the layers where the group's channels overlap; ``kv``: per-KV-head labels ``qk_kv``, one top-k
@@ -78,6 +80,7 @@ def main():
     ap.add_argument("--selection", default="query-labels", choices=["query-labels", "head", "kv"])
     ap.add_argument("--head", action="store_true", help="with --selection kv: also time selection='head'")
     ap.add_argument("--label-layout", default="auto", choices=["auto", "per-head", "union"])
+    ap.add_argument("--kv", action="store_true", help="with --selection query-labels: also time selection='kv'")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -87,6 +90,8 @@ def main():
     prompt = ids[:plen][None]
     if args.head and args.selection != "kv":
         raise SystemExit("--head needs --selection kv (a KV-head label cache)")
+    if args.kv and args.selection != "query-labels":
+        raise SystemExit("--kv needs --selection query-labels")
     ctype = "qk" if args.selection == "query-labels" else "qk_kv"
     model = load_double_sparsity(args.model, heavy_tokens=plen // args.frac, label_bits=args.label_bits,
                                  dense_layers=args.dense_layers, sparse_threshold=0, selection=args.selection,
@@ -111,21 +116,39 @@ def main():
             dc.update(layer.keys[:, :, :P].clone(), layer.values[:, :, :P].clone(), i)
         return dc
 
+    caches = {}
+    if args.kv:  # the KV-head label cache of the same K/V (DSLayer.update computes the labels from the keys)
+        from ptq.sparse.double_sparsity import runtime_channels
+        from ptq.sparse.ds_runtime import DSCache
+
+        lab_kv, _ = load_labels(args.model, "qk_kv")
+        H = model.config.num_attention_heads
+        kvh = model.config.num_key_value_heads
+        ch = [None if c is None else runtime_channels(lab_kv[i], "kv", H, kvh, cfg.heavy_channels)
+              for i, c in enumerate(model.ds_channels)]
+        caches["double sparsity (kv)"] = DSCache(ch, cfg.label_bits)
+        for src, dst in zip(cache.layers, caches["double sparsity (kv)"].layers):
+            dst.update(src.keys[:, :, :P], src.values[:, :, :P])
     variants = {"dense (DynamicCache)": None, "dense (DSCache)": None, "double sparsity": None}
     if args.head:
         variants["double sparsity (head)"] = None
+    if args.kv:
+        variants["double sparsity (kv)"] = None
+
+    def sel(name):
+        return {"(head)": "head", "(kv)": "kv"}.get(name.rsplit(" ", 1)[-1], args.selection)
     res = {n: {"cpu": [], "wall": []} for n in variants}
     toks = {}
     dense_layers = cfg.dense_layers
     for rep in range(args.reps):
         for name in variants:
             cfg.dense_layers = 10**6 if name.startswith("dense") else dense_layers
-            cfg.selection = "head" if name.endswith("(head)") else args.selection
-            c = dyn() if name == "dense (DynamicCache)" else cache
+            cfg.selection = sel(name)
+            c = dyn() if name == "dense (DynamicCache)" else caches.get(name, cache)
             with torch.no_grad():
                 out, tps_cpu, tps_wall = run(model, prompt, c, args.new, key)
-            if c is cache:
-                cache.crop(P)
+            if name != "dense (DynamicCache)":
+                c.crop(P)
             res[name]["cpu"].append(tps_cpu)
             res[name]["wall"].append(tps_wall)
             toks[name] = out
@@ -135,12 +158,13 @@ def main():
     forced = {}
     for name in [n for n in variants if n != "dense (DynamicCache)"]:  # teacher forcing on the dense greedy tokens
         cfg.dense_layers = 10**6 if name.startswith("dense") else dense_layers
-        cfg.selection = "head" if name.endswith("(head)") else args.selection
+        cfg.selection = sel(name)
+        c = caches.get(name, cache)
         seq = torch.cat([prompt[0], ref])[None]
         with torch.no_grad():
-            forced[name] = torch.cat([model(input_ids=seq[:, t:t + 1], use_cache=True, **{key: cache}).logits[0]
+            forced[name] = torch.cat([model(input_ids=seq[:, t:t + 1], use_cache=True, **{key: c}).logits[0]
                                       for t in range(P, seq.shape[1] - 1)]).float().log_softmax(-1)
-        cache.crop(P)
+        c.crop(P)
     cfg.selection = args.selection
     lp_d = forced["dense (DSCache)"]
     tf = {n: {"top1_agreement": float((lp_d.argmax(-1) == lp_s.argmax(-1)).float().mean()),
@@ -161,6 +185,10 @@ def main():
            "greedy_agreement": {n: float((t == ref).float().mean()) for n, t in toks.items()},
            "teacher_forced": tf,
            "cache_bytes": cache.nbytes(), "reps": args.reps}
+    if args.kv:
+        row["cache_bytes_kv"] = caches["double sparsity (kv)"].nbytes()
+        row["speedup_kv_vs_dynamic_cpu"] = round(med["double sparsity (kv)"]["cpu"]
+                                                 / med["dense (DynamicCache)"]["cpu"], 3)
     append("ds_generate_speed", row)
     print(row)
 

@@ -426,17 +426,19 @@ def ds_attention_speed():
 def ds_generate_speed():
     """bench/ds_generate_speed.py (docs/double_sparsity.md): model.generate decode tokens/s (CPU time) after a long
     prompt: plain transformers dense, dense on the DSCache buffers, Double Sparsity (the row's selection, and a top-k
-    per query head on KV-head labels when measured); teacher-forced top-1 agreement with dense."""
+    per query head on KV-head labels, or kv beside query-labels, when measured in the same run); teacher-forced top-1
+    agreement with dense."""
     body = []
     keys = ("prompt_tokens", "heavy_tokens", "r", "label_bits", "selection")
     for r in latest(rows("ds_generate_speed"), *keys).values():
         t = r["tokens_per_s_cpu"]
         tf = r.get("teacher_forced", {})
-        for name, sel in (("double sparsity", r.get("selection", "kv")), ("double sparsity (head)", "head")):
+        for name, sel in (("double sparsity", r.get("selection", "kv")), ("double sparsity (head)", "head"),
+                          ("double sparsity (kv)", "kv")):
             if name not in t:
                 continue
             agree = tf.get(name, {}).get("top1_agreement")
-            cb = r.get("cache_bytes", {})
+            cb = r.get("cache_bytes_kv" if name.endswith("(kv)") else "cache_bytes", {})
             union = r.get("union_layers") if sel == "query-labels" else None
             body.append([str(r["prompt_tokens"]), str(r["heavy_tokens"]), str(r["r"]), str(r["label_bits"]), sel,
                          "" if union is None else str(union),

@@ -14,8 +14,9 @@ Per decoder layer `DSLayer` holds, for ``S`` cached tokens (capacity doubles, so
 * or, for per-query-head channels with fp labels (``union=True``), the **union label cache** ``[b, Hkv, U, cap]``:
   for KV head g the union ``U_g = ∪_{h in g} C_h`` of its query heads' channels (``U = max_g |U_g| <= G r``,
   padded). Query head h scores with a vector that is ``q_h[c]`` on its own channels ``C_h`` and 0 elsewhere, so
-  the G heads of a group score in one matmul ``[G, U] @ [U, S]`` with the same scores as the per-query-head cache.
-  On SmolLM2 the ``qk`` channels of a group overlap: U ~ 13.5 of 24 at r = 8.
+  the G heads of a group score in one matmul ``[G, U] @ [U, S]`` with the scores of the per-query-head cache (up
+  to the order of the sums).
+  On SmolLM2 the ``qk`` channels of a group overlap (U = 13 of G r = 24 at r = 8 in its layer of median U).
 
 Decode (one query token, ``q [b, H, 1, d]``, group ``G = H / Hkv`` query heads per KV head g(h))::
 
