@@ -114,6 +114,12 @@ def peers_smollm2_w3g64():
     return _peers_table("w3g64")
 
 
+@renderer("peers_smollm2_w4g128")
+def peers_smollm2_w4g128():
+    """bench/peers.py at W4 g128: ptq's quantizers and the peers on the same calibration ids, one evaluator."""
+    return _peers_table("w4g128")
+
+
 @renderer("lr_layer_probe")
 def lr_layer_probe():
     """bench/lr_layer_probe.py (docs/learned_rounding.md): one layer's output loss per start and schedule."""
