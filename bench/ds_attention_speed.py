@@ -14,8 +14,17 @@ DS:     `ptq.sparse.ds_runtime.sparse_decode` on a filled `DSLayer`: label score
         group, U = G r), or with ``--labels FOLDER`` the calibrated ``qk`` channels of one layer of a
         ``ptq compress --recipe double-sparsity`` folder (``--layer``; default: the sparse layer with the median U).
 
+Caches: in a model every decoder layer has its own K/V, so a decode step finds none of them in the CPU caches
+(SmolLM2 at 16k tokens: 25 MB of fp32 K/V per layer, 30 layers; this machine's L3 is 32 MB). ``--cold-mb M``
+(default 128) builds as many layers as make M MB of K/V (distinct random contents, each with its own label cache;
+the variants of one layer share its K/V buffers) and times a sweep over all of them, as a decode step walks the
+layers: every call reads its layer's K/V and labels from memory. ``--cold-mb 0`` times one layer over and over
+(its K/V and labels stay in cache as far as they fit: the earlier rows' "hot" mode).
+
 Timings: thread CPU time (unaffected by waiting for a core on a loaded machine), ``--reps`` interleaved
-repetitions (all variants inside each repetition), each the mean of ``--inner`` calls; median over repetitions;
+repetitions (all variants inside each repetition), each the mean over sweeps of at least ``--inner`` calls;
+median over repetitions. Speedups are paired: per repetition, the faster dense variant's time over the variant's,
+then the median of those ratios (the machine's memory bandwidth drifts between repetitions; a pair shares it).
 torch threads 1. Rows go to ``bench/results/ds_attention_speed.jsonl``.
 
     python bench/ds_attention_speed.py --lengths 4096,8192,16384,32768
@@ -47,11 +56,14 @@ def dense_bmm(q, K, V, scale):
     return torch.bmm(torch.softmax(torch.bmm(q, K.transpose(1, 2)) * scale, -1), V)
 
 
-def timed(fn, inner):
+def timed(fn, layers, inner):
+    """Mean thread CPU seconds of ``fn(layer)`` over sweeps across ``layers`` (at least ``inner`` calls)."""
+    sweeps = max(1, -(-inner // len(layers)))
     t = time.thread_time()
-    for _ in range(inner):
-        fn()
-    return (time.thread_time() - t) / inner
+    for _ in range(sweeps):
+        for lay in layers:
+            fn(lay)
+    return (time.thread_time() - t) / (sweeps * len(layers))
 
 
 def main():
@@ -61,6 +73,7 @@ def main():
     ap.add_argument("--rdiv", type=int, default=8, help="r = d / rdiv")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--cold-mb", type=int, default=128, help="MB of K/V over distinct layers (0: one hot layer)")
     ap.add_argument("--labels", default=None, help="folder with double_sparsity.json: calibrated qk channels")
     ap.add_argument("--layer", type=int, default=None, help="with --labels: the layer (default: median U)")
     ap.add_argument("--no-log", action="store_true")
@@ -85,46 +98,61 @@ def main():
     print("|---" * (5 + 2 * len(ds_names)) + "|")
     for S in [int(x) for x in args.lengths.split(",")]:
         kk = S // args.frac
-        K, V = torch.randn(1, Hkv, S, d, generator=gen), torch.randn(1, Hkv, S, d, generator=gen)
+        n_layers = max(1, -(-args.cold_mb * 2**20 // (2 * Hkv * S * d * 4))) if args.cold_mb else 1
         q = torch.randn(1, H, 1, d, generator=gen)
         ch = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(H)])  # per query head
         if cal is not None:
             ch = cal
         U = union_rows(ch, Hkv)
-        layers = {}
-        for rows, bits, union in ((Hkv, 16, False), (Hkv, 4, False), (H, 32, False), (H, 16, False), (H, 4, False),
-                                  (H, 32, True), (H, 16, True)):
-            lay = DSLayer(ch[:rows].clone(), bits, union)
-            for s in range(0, S, 4096):  # filled in prefill-sized chunks
-                lay.update(K[:, :, s:s + 4096], V[:, :, s:s + 4096])
-            layers[rows, bits, union] = lay
-        lab_bytes = {n: layers[k].nbytes()["labels"] // S for n, k in (
+        kinds = ((Hkv, 16, False), (Hkv, 4, False), (H, 32, False), (H, 16, False), (H, 4, False), (H, 32, True),
+                 (H, 16, True))
+        model = []  # per layer: K, V [1, Hkv, S, d], K/V [Hkv, S, d] contiguous, {kind: DSLayer}
+        for _ in range(n_layers):
+            K, V = torch.randn(1, Hkv, S, d, generator=gen), torch.randn(1, Hkv, S, d, generator=gen)
+            lays = {}
+            for rows, bits, union in kinds:
+                lay = DSLayer(ch[:rows].clone(), bits, union)
+                for s in range(0, S, 4096):  # filled in prefill-sized chunks
+                    lay.update(K[:, :, s:s + 4096], V[:, :, s:s + 4096])
+                if lays:  # one K/V per layer: share the first variant's buffers (same contents)
+                    first = next(iter(lays.values()))
+                    lay.keys, lay.values = first.keys, first.values
+                lays[rows, bits, union] = lay
+            model.append((K, V, K[0].contiguous(), V[0].contiguous(), lays))
+        lays = model[0][4]
+        lab_bytes = {n: lays[k].nbytes()["labels"] // S for n, k in (
             ("DS query-labels fp32", (H, 32, False)), ("DS query-labels fp16", (H, 16, False)),
             ("DS query-labels 4-bit", (H, 4, False)), ("DS query-labels union fp32", (H, 32, True)),
             ("DS query-labels union fp16", (H, 16, True)), ("DS kv fp16", (Hkv, 16, False)),
             ("DS kv 4-bit", (Hkv, 4, False)), ("DS head fp16", (Hkv, 16, False)))}
-        Kc, Vc, qg = K[0].contiguous(), V[0].contiguous(), q.view(Hkv, G, d)
+        qg = q.view(Hkv, G, d)
+
+        def ds(kind, bits, selection):
+            return lambda m: sparse_decode(q, m[4][kind], kk, scale, bits, selection)
+
         variants = {
-            "dense sdpa": lambda: F.scaled_dot_product_attention(q, K, V, scale=scale, enable_gqa=True),
-            "dense bmm": lambda: dense_bmm(qg, Kc, Vc, scale),
-            "DS query-labels fp32": lambda: sparse_decode(q, layers[H, 32, False], kk, scale, 32, "query-labels"),
-            "DS query-labels fp16": lambda: sparse_decode(q, layers[H, 16, False], kk, scale, 16, "query-labels"),
-            "DS query-labels 4-bit": lambda: sparse_decode(q, layers[H, 4, False], kk, scale, 4, "query-labels"),
-            "DS query-labels union fp32": lambda: sparse_decode(q, layers[H, 32, True], kk, scale, 32, "query-labels"),
-            "DS query-labels union fp16": lambda: sparse_decode(q, layers[H, 16, True], kk, scale, 16, "query-labels"),
-            "DS kv fp16": lambda: sparse_decode(q, layers[Hkv, 16, False], kk, scale, 16, "kv"),
-            "DS kv 4-bit": lambda: sparse_decode(q, layers[Hkv, 4, False], kk, scale, 4, "kv"),
-            "DS head fp16": lambda: sparse_decode(q, layers[Hkv, 16, False], kk, scale, 16, "head"),
+            "dense sdpa": lambda m: F.scaled_dot_product_attention(q, m[0], m[1], scale=scale, enable_gqa=True),
+            "dense bmm": lambda m: dense_bmm(qg, m[2], m[3], scale),
+            "DS query-labels fp32": ds((H, 32, False), 32, "query-labels"),
+            "DS query-labels fp16": ds((H, 16, False), 16, "query-labels"),
+            "DS query-labels 4-bit": ds((H, 4, False), 4, "query-labels"),
+            "DS query-labels union fp32": ds((H, 32, True), 32, "query-labels"),
+            "DS query-labels union fp16": ds((H, 16, True), 16, "query-labels"),
+            "DS kv fp16": ds((Hkv, 16, False), 16, "kv"),
+            "DS kv 4-bit": ds((Hkv, 4, False), 4, "kv"),
+            "DS head fp16": ds((Hkv, 16, False), 16, "head"),
         }
         times = {n: [] for n in variants}
         for f in variants.values():
-            timed(f, 2)
+            timed(f, model, 2)
         for _ in range(args.reps):
             for n, f in variants.items():
-                times[n].append(timed(f, args.inner))
+                times[n].append(timed(f, model, args.inner))
         ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-        dense = min(ms["dense sdpa"], ms["dense bmm"])
-        sp = {n: dense / ms[n] for n in ds_names}
+        dense_rep = [min(a, b) for a, b in zip(times["dense sdpa"], times["dense bmm"])]
+        dense = 1e3 * statistics.median(dense_rep)
+        sp = {n: statistics.median(a / b for a, b in zip(dense_rep, times[n])) for n in ds_names}
+        del model, lays
         print(f"| {S} | {kk} | {r} | {ms['dense sdpa']:.3f} | {ms['dense bmm']:.3f} | "
               + " | ".join(f"{ms[n]:.3f}" for n in ds_names) + " | "
               + " | ".join(f"{sp[n]:.2f}" for n in ds_names) + " |", flush=True)
@@ -134,7 +162,8 @@ def main():
                            "label_bytes_per_token": lab_bytes,
                            "ms": {n: round(v, 4) for n, v in ms.items()}, "dense_ms": round(dense, 4),
                            "speedup": {n: round(v, 3) for n, v in sp.items()},
-                           "reps": args.reps, "inner": args.inner})
+                           "reps": args.reps, "inner": args.inner, "layers": n_layers,
+                           "cache": "cold" if args.cold_mb else "hot", "speedup_stat": "median of paired ratios"})
 
 
 if __name__ == "__main__":

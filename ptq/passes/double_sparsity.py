@@ -29,11 +29,11 @@ class DoubleSparsityPass(Pass):
     class Options:
         heavy_tokens: int = 256  # k, tokens kept per query/head at run time
         heavy_channels: int = 0  # r label channels; 0 = head_dim // 4
-        label_bits: int = 4  # label cache bits (16 = fp16, 32 = fp32)
+        label_bits: int = 16  # label cache bits (16 = fp16, 32 = fp32, 4 = packed 4-bit codes)
         dense_layers: int = 2
         sparse_threshold: int = 1024  # sparse attention only when the key length exceeds this
-        channel_type: str = "qk_kv"  # qk_kv (one set per KV head) | qk (per query head, the reference) | q | k
-        selection: str = "kv"  # run-time top-k: kv (per KV head) | head | query-labels (per query head, own labels)
+        channel_type: str = "qk"  # qk (per query head, the reference) | qk_kv (one set per KV head) | q | k
+        selection: str = "query-labels"  # run-time top-k: query-labels (per query head, own labels) | head | kv
 
         def __post_init__(self):
             if self.channel_type not in CHANNEL_TYPES:

@@ -49,9 +49,9 @@ class DSConfig:
     channel_type: str = "qk"
     sparse_prefill: bool = True  # False: queries of a multi-token forward run dense (SGLang: sparse decode only)
     q_chunk: int = 512  # study path: queries per block in prefill (memory ~ b*H*q_chunk*Lk)
-    selection: str = "kv"  # kv: KV-head channels, one top-k per KV head shared by its query heads (group scores
-    #   summed) | head: KV-head channels, a top-k per query head | query-labels: label channels and a top-k per
-    #   query head (the reference; label cache [H, r] per token)
+    selection: str = "query-labels"  # query-labels: each query head's own label channels and top-k (the
+    #   reference; label cache [H, r] or union [Hkv, U] per token) | head: KV-head channels, a top-k per query
+    #   head | kv: KV-head channels, one top-k per KV head shared by its query heads (group scores summed)
     study: bool = False  # forwards WITHOUT a DSCache (perplexity) run the accuracy-study path; else dense
     label_layout: str = "auto"  # query-labels with fp labels: per-head [H, r] rows | union [Hkv, U] rows per KV
     #   head (same scores) | auto: union where it holds at most 2/3 of the per-head label bytes (channels overlap)
