@@ -410,21 +410,24 @@ def gate_smollm2():
 @renderer("ds_attention_speed")
 def ds_attention_speed():
     """bench/ds_attention_speed.py (docs/double_sparsity.md): one decode step of attention, per label-channel
-    source (random per query head: the worst case for the union label cache; calibrated: one SmolLM2 layer) and
-    cached length S: dense ms and the speedup vs the faster dense variant of each Double Sparsity variant of the
-    latest rows (their ms are in the JSONL)."""
-    by = latest(rows("ds_attention_speed"), "channels", "S", "k", "r")
-    by = {(c or "random", S, k, r): x for (c, S, k, r), x in by.items()}
+    source (random per query head: the worst case for the union label cache; calibrated: one SmolLM2 layer), cache
+    state (cold: a sweep over distinct layers, as in a model; hot: one layer again and again) and cached length S:
+    dense ms and the speedup vs the faster dense variant of each Double Sparsity variant of the latest rows (their
+    ms are in the JSONL)."""
+    by = latest(rows("ds_attention_speed"), "channels", "cache", "S", "k", "r")
+    by = {(c or "random", cache or "hot", S, k, r): x for (c, cache, S, k, r), x in by.items()}
     names = []
     for x in by.values():
         names += [n for n in x["speedup"] if n not in names]
     body = []
-    for (ch, S, k, r), x in sorted(by.items(), key=lambda kv: (kv[0][0] != "random", kv[0][1:])):
+    for (ch, cache, S, k, r), x in sorted(by.items(), key=lambda kv: (kv[0][1] != "cold", kv[0][0] != "random",
+                                                                       kv[0][2:])):
         ms, sp = x["ms"], x["speedup"]
-        body.append([ch, str(S), str(k), str(r), str(x.get("union_rows", "")), f"{ms['dense sdpa']:.3f}",
+        state = f"cold ({x['layers']} layers)" if cache == "cold" else "hot (1 layer)"
+        body.append([ch, state, str(S), str(k), str(r), str(x.get("union_rows", "")), f"{ms['dense sdpa']:.3f}",
                      f"{ms['dense bmm']:.3f}"] + [f"{sp[n]:.2f}x" if n in sp else "" for n in names])
     short = [n.removeprefix("DS ") for n in names]
-    return (["label channels", "cached tokens S", "k", "r", "U (union rows per KV head)", "dense sdpa ms",
+    return (["label channels", "caches", "cached tokens S", "k", "r", "U (union rows per KV head)", "dense sdpa ms",
              "dense bmm ms"] + [f"speedup {n}" for n in short], body)
 
 
