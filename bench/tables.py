@@ -508,6 +508,72 @@ def ds_smollm2_retrieval():
     return ["prompts", "selection", "prompt tokens", "config", "keys retrieved"], body
 
 
+def _issue_code_cell(r: dict) -> str:
+    return _ISSUE_CODE[r["code"]] + (f" ({r['issue_commit']})" if r["code"].startswith("issue-time") else "")
+
+
+def _issue_ref_run(part: str) -> list[dict]:
+    """bench/ds_issue_reference.py: the rows of ``part`` of its latest invocation."""
+    return [r for r in _latest_run(rows("ds_issue_reference")) if r["part"] == part]
+
+
+_ISSUE_CODE = {"": "dense", "issue-time": "issue-time code", "today": "today, query-labels (qk)",
+               "issue-time, fp16 step/min": "issue-time code with today's 4-bit quantizer"}
+
+
+@renderer("ds_issue_reference_ppl")
+def ds_issue_reference_ppl():
+    """bench/ds_issue_reference.py --part ppl (docs/double_sparsity.md): the issue-time attention code (loaded from
+    git history) beside today's study path, one run, dense measured in it."""
+    run = _issue_ref_run("ppl")
+    dense = next(r for r in run if r["code"] == "")
+    keys = {"issue-time": "fp32 (computed per call)", "today": {16: "fp16 (cached)", 32: "fp32 (cached)"}}
+    body = []
+    for r in run:
+        d = r is dense
+        lab = "" if d else keys[r["code"]] if r["code"] == "issue-time" else keys["today"][r["label_bits"]]
+        body.append([_issue_code_cell(r), "" if d else r["config"], lab, f"{r['ppl']:.3f}",
+                     "" if d else pct(r["ppl"] / dense["ppl"] - 1), f"{r['ppl_tail']:.3f}",
+                     "" if d else pct(r["ppl_tail"] / dense["ppl_tail"] - 1)])
+    return ["code", "config", "key labels", "ppl (all positions)", "vs dense", "ppl (positions >= 1024)",
+            "vs dense"], body
+
+
+@renderer("ds_issue_reference_retrieval")
+def ds_issue_reference_retrieval():
+    """bench/ds_issue_reference.py --part retrieval: pass-key retrieval of the issue-time code and today's run
+    time, same prompts, one run; hits per prompt and generated tokens equal to the issue-time code's."""
+    body = []
+    for r in _issue_ref_run("retrieval"):
+        same = r.get("first_token_diff_vs_issue")
+        body.append([_issue_code_cell(r), r["mode"], "" if r["code"] == "" else r["config"],
+                     f"{r['acc']:.2f} ({round(r['acc'] * r['n'])}/{r['n']})", " ".join(r["hits"]),
+                     "" if same is None else f"{sum(x is None for x in same)}/{len(same)}"])
+    return ["code", "prefill / decode", "config", "keys retrieved", "hit per prompt",
+            "prompts with the issue-time code's 8 tokens"], body
+
+
+@renderer("ds_issue_reference_selection")
+def ds_issue_reference_selection():
+    """bench/ds_issue_reference.py --part retrieval: per prompt, today's run-time kept sets against the
+    issue-time formula's on the same query and keys (every sparse decode step, layer and query head)."""
+    run = _issue_ref_run("retrieval")
+    by = {r["code"]: r for r in run}
+    today, old, dense = by["today"], by["issue-time"], by[""]
+    body = []
+    for p, st in enumerate(today["selection_vs_issue"]):
+        div = today["first_token_diff_vs_issue"][p]
+        first = st["first"]
+        body.append([str(p), dense["hits"][p], old["hits"][p], today["hits"][p],
+                     "same" if div is None else str(div), f"{st['differ']}/{st['compared']}",
+                     str(st["differ_after_rounding"]), str(st["ties"]),
+                     f"{st['swapped'] / max(st['differ'], 1):.2f}",
+                     "" if first is None else f"step {first['step']}, layer {first['layer']}, head {first['head']}"])
+    return ["prompt", "dense hit", "issue-time hit", "today hit", "first generated token that differs",
+            "kept sets differing (step x layer x head)", "still differing with fp16 step/min", "ties at the k-th score",
+            "tokens swapped per differing set", "first differing set"], body
+
+
 def _cskv_rows() -> tuple[dict, list[dict]]:
     """bench/cskv_equal_bytes.py rows at 40 windows: the latest dense row and the latest row per (spec, window)."""
     rs = [r for r in rows("cskv_equal_bytes") if r.get("windows") == 40]
