@@ -397,3 +397,22 @@ def test_install_picks_union_where_channels_overlap(gqa_dir):
         assert cache.layers[0].lab.shape[1] == (2 if layout == "auto" else H) and cache.layers[1].lab.shape[1] == H
     assert torch.equal(outs["auto"], outs["per-head"])
     uninstall(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_unrounded_labels_keep_the_key_values(dtype):
+    """label_bits=32 stores the label channels of each key unrounded: in the key's dtype for fp16/bf16 keys, fp32
+    otherwise; label_bits=16 rounds them to fp16."""
+    from ptq.sparse.ds_runtime import DSLayer
+
+    K = (torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    ch = torch.tensor([[3, 7, 0, 12], [5, 1, 9, 14]])
+    want = K[0].gather(-1, ch[:, None, :].expand(2, 40, 4)).transpose(-1, -2)  # [Hkv, r, S]
+    lay = DSLayer(ch, 32)
+    lay.update(K, K)
+    stored = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    assert lay.lab.dtype == stored and torch.equal(lay.lab[0, :, :, :40], want.to(stored))
+    assert lay.nbytes()["labels"] == 2 * 4 * 40 * torch.finfo(stored).bits // 8
+    half = DSLayer(ch, 16)
+    half.update(K, K)
+    assert half.lab.dtype == torch.float16 and torch.equal(half.lab[0, :, :, :40], want.half())

@@ -7,7 +7,8 @@ Per decoder layer `DSLayer` holds, for ``S`` cached tokens (capacity doubles, so
 * the **label cache** ``[b, R, r, cap]`` with ``R`` label rows: one per query head (``R = H``, channels
   ``C_h``, the reference's layout) or one per KV head (``R = Hkv``, channels ``C_g``). Row ``j`` holds the r
   label channels of each cached key of KV head ``j // (R / Hkv)``, channels-major so that scoring is one
-  contiguous matmul; fp32 (``label_bits=32``: scored as stored, no conversion per step), fp16
+  contiguous matmul; unrounded (``label_bits=32``: fp32, or the keys' own dtype for fp16 / bf16 keys; fp32 labels
+  are scored as stored, no conversion per step), fp16
   (``label_bits=16``) or 4-bit codes packed two per byte (``[b, R, r/2, cap]``) with a
   per-token fp16 step and minimum (``label_bits=4``; ``x ~ code * step + min``, the reference's per-vector
   min/max quantizer).
@@ -55,6 +56,12 @@ def quant_labels(x: torch.Tensor, bits: int):
 
 def dequant_labels(codes: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return codes.float() * step.float() + lo.float()
+
+
+def unrounded_dtype(key_dtype: torch.dtype) -> torch.dtype:
+    """The label-cache dtype of ``label_bits=32``: the key channels unrounded (fp16 / bf16 keys are kept in their
+    own dtype, wider keys in fp32)."""
+    return key_dtype if key_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -164,7 +171,7 @@ class DSLayer(CacheLayerMixin):
                     raise ValueError(f"{R} label rows cannot map onto {hkv} KV heads")
                 self.channels = self.channels.to(key_states.device)
                 if self.label_bits >= 16:
-                    dt = torch.float16 if self.label_bits == 16 else torch.float32
+                    dt = torch.float16 if self.label_bits == 16 else unrounded_dtype(key_states.dtype)
                     self.lab = key_states.new_empty(b, R, r, 0, dtype=dt)
                 else:
                     packed = -(-r // 2) if self.label_bits == 4 else r
