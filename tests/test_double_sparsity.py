@@ -216,7 +216,7 @@ def test_compress_writes_labels_and_unchanged_weights(gqa_dir, tmp_path):
     ours = json.loads((out / "double_sparsity.json").read_text())
     sg = json.loads((out / "ds_channel_config.json").read_text())
     assert ours["settings"]["channel_type"] == "qk" and ours["settings"]["selection"] == "query-labels"
-    assert ours["settings"]["label_bits"] == 32
+    assert ours["settings"]["label_bits"] == 16
     assert ours["settings"]["heavy_tokens"] == 256 and ours["calibration_tokens"] == 4 * 32
     assert set(sg) == {f"model.layers.{i}.self_attn.{t}_proj" for i in range(2) for t in ("q", "k", "qk")}
     qk = torch.tensor(sg["model.layers.1.self_attn.qk_proj"])
@@ -234,7 +234,7 @@ def test_compress_writes_labels_and_unchanged_weights(gqa_dir, tmp_path):
     # labels load back into a model
     model, _ = full_model(out)
     cfg = install_from(model, out, heavy_tokens=8, sparse_threshold=0, dense_layers=0, study=True)
-    assert cfg.label_bits == 32 and cfg.selection == "query-labels" and cfg.channel_type == "qk"
+    assert cfg.label_bits == 16 and cfg.selection == "query-labels" and cfg.channel_type == "qk"
     assert model.config._attn_implementation == "ptq_double_sparsity"
     ids = _ids(1, 40)
     with torch.no_grad():

@@ -43,7 +43,7 @@ LABEL_LAYOUTS = ("auto", "per-head", "union")
 class DSConfig:
     heavy_tokens: int = 256  # k: tokens kept per query and head
     heavy_channels: int = 16  # r: label channels (0 -> head_dim // 4)
-    label_bits: int = 32  # 32 = unrounded (fp32; fp16/bf16 keys: their dtype), 16 = fp16; 4 = the paper's 4-bit
+    label_bits: int = 16  # 32 = unrounded (fp32; fp16/bf16 keys: their dtype), 16 = fp16; 4 = the paper's 4-bit
     dense_layers: int = 2  # layers [0, dense_layers) stay dense
     sparse_threshold: int = 0  # sparse only when the key length Lk > threshold
     channel_type: str = "qk"
