@@ -15,7 +15,7 @@ DS:     `ptq.sparse.ds_runtime.sparse_decode` on a filled `DSLayer`: label score
         ``ptq compress --recipe double-sparsity`` folder (``--layer``; default: the sparse layer with the median U).
 
 Caches: in a model every decoder layer has its own K/V, so a decode step finds none of them in the CPU caches
-(SmolLM2 at 16k tokens: 25 MB of fp32 K/V per layer, 30 layers; this machine's L3 is 32 MB). ``--cold-mb M``
+(SmolLM2 at 16k tokens: 25 MB of fp32 K/V per layer, 30 layers: more than any CPU cache). ``--cold-mb M``
 (default 128) builds as many layers as make M MB of K/V (distinct random contents, each with its own label cache;
 the variants of one layer share its K/V buffers) and times a sweep over all of them, as a decode step walks the
 layers: every call reads its layer's K/V and labels from memory. ``--cold-mb 0`` times one layer over and over

@@ -29,7 +29,7 @@ class DoubleSparsityPass(Pass):
     class Options:
         heavy_tokens: int = 256  # k, tokens kept per query/head at run time
         heavy_channels: int = 0  # r label channels; 0 = head_dim // 4
-        label_bits: int = 16  # label cache: 32 = unrounded (the keys' dtype, at most fp32) | 16 = fp16 | 4 = 4-bit codes
+        label_bits: int = 16  # label cache: 32 unrounded (keys' dtype, at most fp32) | 16 fp16 | 4 = 4-bit codes
         dense_layers: int = 2
         sparse_threshold: int = 1024  # sparse attention only when the key length exceeds this
         channel_type: str = "qk"  # qk (per query head, the reference) | qk_kv (one set per KV head) | q | k
